@@ -1,0 +1,21 @@
+# The project's commands. Each one sets up what it needs (a cached ComfyUI 0.3.75 host, see scripts/host.py).
+PYTHON ?= python3
+HOST := $(PYTHON) scripts/host.py
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo serve
+
+setup:  ## build (first run) or reuse the cached ComfyUI host; link this pack into .comfy/
+	$(HOST) ensure
+
+lint: setup  ## ruff, including the Comfy Registry's rules (S102, S307, E702)
+	$(HOST) python -m ruff check .
+
+test: lint  ## the whole test suite against the real ComfyUI (unit, in-process nodes, end-to-end server)
+	$(HOST) python -m pytest $(PYTEST_ARGS)
+
+demo: setup  ## the main job, headless through a real ComfyUI server; prints where the outputs are
+	$(HOST) python scripts/demo.py
+
+serve: setup  ## ComfyUI with this pack on 127.0.0.1:$${PORT:-8188}; extra flags in COMFY_ARGS
+	$(HOST) serve

@@ -1,0 +1,204 @@
+"""Tiny models with random weights for tests and the pre-toy-world demo (no weights can be downloaded).
+
+* ``write_tiny_sd15_checkpoint``: a checkpoint file that the stock ``CheckpointLoaderSimple`` detects as
+  SD1.5 — model_channels 320 and context 768 (what ComfyUI's detection keys on) but a single UNet level with
+  one res block and one transformer, the full CLIP-L text encoder (ComfyUI's SD1 CLIP has a fixed config)
+  and a TAESD VAE. About 300 MB in fp16; generated at test time, never committed.
+* ``tiny_sd15_in_memory`` / ``tiny_sdxl_in_memory``: MODEL, CLIP, VAE objects built directly in memory
+  (32-64 channels), for fast in-process tests.
+
+Callers must have put the ComfyUI tree on ``sys.path`` and set ``comfy.cli_args.args.cpu`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+TINY_SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1],
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def _torch_reset(module: torch.nn.Module):
+    """torch's own reset_parameters for a layer (ComfyUI's operation classes override it with a no-op)."""
+    for klass in type(module).__mro__:
+        if klass.__module__.startswith("torch.nn") and "reset_parameters" in klass.__dict__:
+            return klass.reset_parameters
+    return None
+
+
+def _init_random(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers skip weight initialisation; give every layer torch's default init, seeded."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        initialised: set[int] = set()
+        for m in module.modules():
+            reset = _torch_reset(m)
+            if reset is not None:
+                reset(m)
+                initialised.update(id(p) for p in m.parameters(recurse=False))
+        for name, p in module.named_parameters():
+            if id(p) not in initialised:
+                torch.nn.init.normal_(p, 0.0, 0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    import json
+
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sd: dict[str, torch.Tensor] = {}
+    unet = UNetModel(**TINY_SD15_UNET, operations=comfy.ops.disable_weight_init)
+    _init_random(unet, seed)
+    sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    del unet
+
+    config_path = Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json"
+    clip_config = json.loads(config_path.read_text())
+    text = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    _init_random(text, seed + 1)
+    with torch.no_grad():
+        # SD's CLIP embeddings are small; default init (std 1) would drown the position embeddings.
+        text.text_model.embeddings.token_embedding.weight.normal_(0, 0.02)
+        text.text_model.embeddings.position_embedding.weight.normal_(0, 0.01)
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
+    del text
+
+    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_random(vae, seed + 2)
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the SD1.5-detected tiny checkpoint atomically; returns its path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tiny_sd15_state_dict(seed), str(tmp), metadata={"purpose": "tiny random SD1.5-architecture test model"})
+    os.replace(tmp, path)
+    return path
+
+
+def _cpu_patcher(model):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+TINY_IN_MEMORY_UNET = {
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1],
+    "context_dim": 64,
+    "num_heads": 2,
+    "num_head_channels": -1,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+}
+
+TINY_CLIP_L = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "projection_dim": 64,
+}
+
+
+def tiny_sd15_in_memory(seed: int = 0):
+    """(MODEL, CLIP, VAE) of the SD1.5 family with a 32-channel UNet and a 64-wide, 2-layer CLIP."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    config = comfy.supported_models.SD15(dict(TINY_IN_MEMORY_UNET))
+    model = config.get_model({})
+    _init_random(model.diffusion_model, seed)
+    patcher = _cpu_patcher(model)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(
+        target,
+        model_options={"clip_l_model_config": dict(TINY_CLIP_L), "dtype": torch.float32,
+                       "load_device": torch.device("cpu"), "offload_device": torch.device("cpu"),
+                       "initial_device": torch.device("cpu")},
+    )
+    _init_random(clip.cond_stage_model, seed + 1)
+    with torch.no_grad():
+        emb = clip.cond_stage_model.clip_l.transformer.text_model.embeddings
+        emb.token_embedding.weight.normal_(0, 0.02)
+        emb.position_embedding.weight.normal_(0, 0.01)
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_random(taesd, seed + 2)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    return patcher, clip, vae
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="where to write the tiny SD1.5 checkpoint (.safetensors)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not args.path.endswith(".safetensors"):
+        ap.error("the checkpoint path must end in .safetensors")
+    if Path(args.path).exists():
+        print(f"{args.path} exists; leaving it as it is", file=sys.stderr)
+        return 0
+    write_tiny_sd15_checkpoint(args.path, args.seed)
+    print(args.path)
+    return 0
+
+
+if __name__ == "__main__":
+    comfy_dir = os.environ.get("DCI_COMFYUI_DIR")
+    if not comfy_dir:
+        sys.exit("run through `python3 scripts/host.py python scripts/tiny_models.py PATH`")
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    sys.exit(main())
