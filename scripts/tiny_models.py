@@ -61,9 +61,13 @@ def _init_random(module: torch.nn.Module, seed: int) -> None:
             if reset is not None:
                 reset(m)
                 initialised.update(id(p) for p in m.parameters(recurse=False))
-        for name, p in module.named_parameters():
-            if id(p) not in initialised:
-                torch.nn.init.normal_(p, 0.0, 0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
+        for p in module.parameters():
+            if id(p) in initialised:
+                continue
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, 0.0, 0.02)
+            else:
+                torch.nn.init.zeros_(p)
     finally:
         torch.random.set_rng_state(gen_state)
 

@@ -18,9 +18,8 @@ for p in (str(REPO), str(TESTS), str(REPO / "scripts")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import pytest  # noqa: E402
-
 import comfy_host  # noqa: E402
+import pytest  # noqa: E402
 
 # ComfyUI reads its CLI arguments when comfy.model_management is first imported, so they are set here,
 # before any test module imports comfy.
