@@ -4,9 +4,9 @@ Node IDs carry the ``DCI`` prefix (IDs that clash with built-in ones are silentl
 never change once shipped in a workflow; renamed nodes stay loadable through ``deprecated.py``.
 """
 
-from . import info
+from . import concepts, info
 
-_FAMILIES = (info,)
+_FAMILIES = (info, concepts)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
