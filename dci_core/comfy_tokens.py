@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dci_core.token_spans import (
+from .token_spans import (
     Chunk,
     ChunkMasks,
     SpecialTokens,

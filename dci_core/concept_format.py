@@ -39,13 +39,14 @@ import torch
 FORMAT_NAME = "dci-concept"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
+TRAIN_STATE_SUFFIX = ".train-state.safetensors"  # resume state written beside a concept by the trainer
 
 KV_PREFIX = "kv_delta."
 TOKEN_PREFIX = "token."
 TOKEN_INIT_PREFIX = "token_init."
 CONTEXT_PREFIX = "context."
 
-ENCODERS = ("clip_l", "clip_g")
+ENCODERS = ("clip_l", "clip_g", "clip_h")  # clip_h: the OpenCLIP ViT-H text encoder of SD2.x
 FAMILIES = ("sd1", "sd2", "sdxl")
 REQUIRED_METADATA = ("format", "format_version", "family", "architecture", "trigger", "class_noun")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a concept's header is a few KB; refuse absurd ones before parsing
@@ -222,6 +223,11 @@ def _read_header(path: Path) -> dict:
     if 8 + n + end > size:
         raise ConceptFileError(f"{path.name} is truncated: its header promises {8 + n + end} bytes, it has {size}")
     return header
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The parsed header of any safetensors file, with precise errors for empty, truncated or damaged files."""
+    return _read_header(Path(path))
 
 
 def load_concept(path: str | os.PathLike) -> Concept:

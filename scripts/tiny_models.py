@@ -206,3 +206,68 @@ if __name__ == "__main__":
 
     comfy.cli_args.args.cpu = True
     sys.exit(main())
+
+
+TINY_CLIP_G = {
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,  # SDXL reads the penultimate layer, which needs more than 2
+    "projection_dim": 96,
+}
+
+TINY_SDXL_UNET = {
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [0, 1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [0, 0, 1, 1],
+    "context_dim": TINY_CLIP_L["hidden_size"] + TINY_CLIP_G["hidden_size"],
+    "adm_in_channels": TINY_CLIP_G["projection_dim"] + 6 * 256,
+    "num_classes": "sequential",
+    "num_heads": -1,
+    "num_head_channels": 16,
+    "use_linear_in_transformer": True,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+}
+
+
+def tiny_sdxl_in_memory(seed: int = 0):
+    """(MODEL, CLIP, VAE) of the SDXL family: two text encoders (64- and 96-wide), a 32-channel UNet."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.taesd.taesd
+
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+    model = config.get_model({})
+    _init_random(model.diffusion_model, seed)
+    patcher = _cpu_patcher(model)
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(
+        target,
+        model_options={"clip_l_model_config": {**TINY_CLIP_L, "num_hidden_layers": 3},
+                       "clip_g_model_config": dict(TINY_CLIP_G),
+                       "dtype": torch.float32, "load_device": torch.device("cpu"),
+                       "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")},
+    )
+    _init_random(clip.cond_stage_model, seed + 1)
+    with torch.no_grad():
+        for enc in (clip.cond_stage_model.clip_l, clip.cond_stage_model.clip_g):
+            emb = enc.transformer.text_model.embeddings
+            emb.token_embedding.weight.normal_(0, 0.02)
+            emb.position_embedding.weight.normal_(0, 0.01)
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_random(taesd, seed + 2)
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    return patcher, clip, vae

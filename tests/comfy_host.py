@@ -47,6 +47,9 @@ def configure_args() -> None:
     args.base_directory = str(BASE_DIR)
     args.disable_api_nodes = True
     args.database_url = "sqlite:///:memory:"
+    # main.py imports ComfyUI's `utils` package first; nodes.py later puts comfy/ first on sys.path, after
+    # which `utils` would resolve to comfy/utils.py and the server's modules would fail to import.
+    import utils.install_util  # noqa: F401
 
 
 def boot() -> None:
@@ -120,3 +123,10 @@ def run_graph(graph: dict, executor=None):
     executor = executor or execution.PromptExecutor(RecordingServer(), cache_args={"lru": 0, "ram": 0})
     executor.execute(graph, prompt_id, {}, valid[2])
     return executor, executor.history_result
+
+
+def pack_module(relative: str):
+    """A module of this pack as ComfyUI loaded it (e.g. ``dci_core.comfy_dci``), for instrumentation."""
+    node_module = sys.modules[node_class("DCIModelInfo").__module__]
+    package = node_module.__name__.rsplit(".nodes.", 1)[0]
+    return sys.modules[f"{package}.{relative}"]

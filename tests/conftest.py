@@ -52,3 +52,11 @@ def tiny_sd15(comfy):
     from tiny_models import tiny_sd15_in_memory
 
     return tiny_sd15_in_memory(seed=0)
+
+
+@pytest.fixture()
+def tiny_sdxl(comfy):
+    """A fresh fully tiny in-memory SDXL-family (MODEL, CLIP, VAE)."""
+    from tiny_models import tiny_sdxl_in_memory
+
+    return tiny_sdxl_in_memory(seed=0)
