@@ -3,7 +3,7 @@ PYTHON ?= python3
 HOST := $(PYTHON) scripts/host.py
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo serve
+.PHONY: setup test lint demo serve bench-dci bench-train
 
 setup:  ## build (first run) or reuse the cached ComfyUI host; link this pack into .comfy/
 	$(HOST) ensure
@@ -19,3 +19,6 @@ demo: setup  ## the main job, headless through a real ComfyUI server; prints whe
 
 serve: setup  ## ComfyUI with this pack on 127.0.0.1:$${PORT:-8188}; extra flags in COMFY_ARGS
 	$(HOST) serve
+
+bench-dci: setup  ## DCI KSampler vs stock KSampler: time and peak-memory ratios (prints key=value lines last)
+	$(HOST) python scripts/bench_dci.py

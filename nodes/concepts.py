@@ -8,7 +8,7 @@ from pathlib import Path
 import folder_paths
 
 from ..dci_core import comfy_concept, comfy_model
-from ..dci_core.concept_format import SUFFIX, ConceptFileError, load_concept
+from ..dci_core.concept_format import SUFFIX, TRAIN_STATE_SUFFIX, ConceptFileError, load_concept
 
 CONCEPT_TYPE = "DCI_CONCEPT"
 FOLDER = "concepts"
@@ -29,6 +29,11 @@ def concept_path(name: str) -> Path:
         folders = ", ".join(folder_paths.get_folder_paths(FOLDER))
         raise ConceptFileError(f"concept file {name!r} was not found in {folders}")
     return Path(full)
+
+
+def concept_names() -> list[str]:
+    """Concept files for the dropdown (training's resume-state files beside them are not concepts)."""
+    return [n for n in folder_paths.get_filename_list(FOLDER) if not n.endswith(TRAIN_STATE_SUFFIX)]
 
 
 def _check_model_and_clip(node: str, model, clip) -> None:
@@ -69,7 +74,7 @@ class DCILoadConcept:
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model the concept was trained on (same family)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder(s) of that model."}),
-                "concept_name": (folder_paths.get_filename_list(FOLDER), {"tooltip": "A concept file in models/concepts."}),
+                "concept_name": (concept_names(), {"tooltip": "A concept file in models/concepts."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                              "tooltip": "Scale of the key/value deltas; 0 leaves the MODEL as it is."}),
                 "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,

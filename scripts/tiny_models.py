@@ -50,8 +50,15 @@ def _torch_reset(module: torch.nn.Module):
     return None
 
 
+KEEP_CONSTRUCTOR_VALUES = ("vae_scale", "vae_shift")  # TAESD sets these (1 and 0) itself
+
+
 def _init_random(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI's layers skip weight initialisation; give every layer torch's default init, seeded."""
+    """ComfyUI's layers skip weight initialisation; give every layer torch's default init, seeded.
+
+    Parameters outside torch layers (e.g. CLIP's ``text_projection``) are created empty too: they get a small
+    normal init, except those whose constructor set real values (``KEEP_CONSTRUCTOR_VALUES``).
+    """
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -61,15 +68,25 @@ def _init_random(module: torch.nn.Module, seed: int) -> None:
             if reset is not None:
                 reset(m)
                 initialised.update(id(p) for p in m.parameters(recurse=False))
-        for p in module.parameters():
-            if id(p) in initialised:
+        for name, p in module.named_parameters():
+            if id(p) in initialised or name.rsplit(".", 1)[-1] in KEEP_CONSTRUCTOR_VALUES:
                 continue
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, 0.0, 0.02)
-            else:
-                torch.nn.init.zeros_(p)
+            with torch.no_grad():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+                else:
+                    p.zero_()
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def _small_text_embeddings(text_model: torch.nn.Module, seed: int) -> None:
+    """SD's CLIP embeddings are small; default init (std 1) would drown the position embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    emb = text_model.embeddings
+    with torch.no_grad():
+        emb.token_embedding.weight.copy_(torch.randn(emb.token_embedding.weight.shape, generator=g) * 0.02)
+        emb.position_embedding.weight.copy_(torch.randn(emb.position_embedding.weight.shape, generator=g) * 0.01)
 
 
 def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -90,10 +107,7 @@ def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
     clip_config = json.loads(config_path.read_text())
     text = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", comfy.ops.disable_weight_init)
     _init_random(text, seed + 1)
-    with torch.no_grad():
-        # SD's CLIP embeddings are small; default init (std 1) would drown the position embeddings.
-        text.text_model.embeddings.token_embedding.weight.normal_(0, 0.02)
-        text.text_model.embeddings.position_embedding.weight.normal_(0, 0.01)
+    _small_text_embeddings(text.text_model, seed + 3)
     sd.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
     del text
 
@@ -171,10 +185,7 @@ def tiny_sd15_in_memory(seed: int = 0):
                        "initial_device": torch.device("cpu")},
     )
     _init_random(clip.cond_stage_model, seed + 1)
-    with torch.no_grad():
-        emb = clip.cond_stage_model.clip_l.transformer.text_model.embeddings
-        emb.token_embedding.weight.normal_(0, 0.02)
-        emb.position_embedding.weight.normal_(0, 0.01)
+    _small_text_embeddings(clip.cond_stage_model.clip_l.transformer.text_model, seed + 3)
 
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
     _init_random(taesd, seed + 2)
@@ -261,11 +272,8 @@ def tiny_sdxl_in_memory(seed: int = 0):
                        "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")},
     )
     _init_random(clip.cond_stage_model, seed + 1)
-    with torch.no_grad():
-        for enc in (clip.cond_stage_model.clip_l, clip.cond_stage_model.clip_g):
-            emb = enc.transformer.text_model.embeddings
-            emb.token_embedding.weight.normal_(0, 0.02)
-            emb.position_embedding.weight.normal_(0, 0.01)
+    _small_text_embeddings(clip.cond_stage_model.clip_l.transformer.text_model, seed + 3)
+    _small_text_embeddings(clip.cond_stage_model.clip_g.transformer.text_model, seed + 4)
 
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
     _init_random(taesd, seed + 2)

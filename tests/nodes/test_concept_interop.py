@@ -298,20 +298,9 @@ def test_exported_embedding_works_through_embedding_syntax_in_the_stock_encoder(
 
 def _tiny_sdxl():
     """An SDXL-family MODEL and a CLIP with a 64-wide clip_l and a 96-wide clip_g (import needs no sampling)."""
-    import comfy.sd
-    import comfy.sdxl_clip
-    import comfy.supported_models
-    import comfy.supported_models_base
-    from tiny_models import TINY_CLIP_L, TINY_IN_MEMORY_UNET, _cpu_patcher
+    from tiny_models import tiny_sdxl_in_memory
 
-    unet = dict(TINY_IN_MEMORY_UNET, context_dim=160, adm_in_channels=2816)
-    model = _cpu_patcher(comfy.supported_models.SDXL(unet).get_model({}))
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip_l = dict(TINY_CLIP_L, num_hidden_layers=3)  # SDXL reads the penultimate layer
-    clip_g = dict(clip_l, hidden_size=96, projection_dim=96)
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": clip_l, "clip_g_model_config": clip_g,
-                                                "dtype": torch.float32, "load_device": torch.device("cpu"),
-                                                "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")})
+    model, clip, _ = tiny_sdxl_in_memory(seed=0)
     return model, clip
 
 

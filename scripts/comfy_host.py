@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # scripts/ → the repository
 
 _BOOTED = False
 BASE_DIR: Path | None = None

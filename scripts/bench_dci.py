@@ -1,0 +1,129 @@
+"""``make bench-dci``: DCI KSampler vs the stock KSampler, side by side in one run.
+
+Same model (the SD1.5-detected tiny checkpoint with a random concept), seed, steps and resolution; every
+configuration runs in its own process so that peak RSS is its own. Wall time is that of a second sampling
+call in the process (the first one loads the model). The theoretical bound of the time ratio is 1 + a
+(separate guidance: the UNet batch grows from 2 to 4 rows per image for the first a of the steps) or
+1 + a/2 (shared guidance: 3 rows).
+
+Prints a table, then one line per configuration:
+dci_time_ratio=<DCI/KSampler wall time> bound=<bound> mem_ratio=<peak RSS ratio> split=<a> guidance=<mode> res=<px>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def worker(args) -> None:
+    import comfy_host
+
+    comfy_host.configure_args()
+    comfy_host.boot()
+    import folder_paths
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    from concept_fixtures import random_concept
+    from tiny_models import write_tiny_sd15_checkpoint
+
+    from dci_core.concept_format import save_concept
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        write_tiny_sd15_checkpoint(ckpt)
+    ckpt_dir = Path(folder_paths.get_folder_paths("checkpoints")[0])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / ckpt.name).symlink_to(ckpt)
+    run = comfy_host.run_node
+    model, clip, _ = run("CheckpointLoaderSimple", ckpt_name=ckpt.name)[0]
+    save_concept(random_concept(model, clip), folder_paths.get_folder_paths("concepts")[0], "bench", overwrite=True)
+    m, c, ref = run("DCILoadConcept", model=model, clip=clip, concept_name="bench.safetensors",
+                    strength_model=1.0, strength_clip=1.0)[0]
+    (pos,) = run("DCIPromptEncode", clip=c, text="a photo of sks dog swimming in a pool", auxiliary_noun="",
+                 concept=ref)[0]
+    (neg,) = run("CLIPTextEncode", clip=c, text="blurry")[0]
+    (lat,) = run("EmptyLatentImage", width=args.res, height=args.res, batch_size=1)[0]
+    common = dict(model=m, seed=3, steps=args.steps, cfg=5.0, sampler_name="euler", scheduler="normal",
+                  positive=pos, negative=neg, latent_image=lat, denoise=1.0)
+
+    def sample():
+        if args.mode == "ksampler":
+            return run("KSampler", **common)
+        return run("DCIKSampler", **common, split=args.split, lam=0.0, aux_map="reference",
+                   guidance=args.mode, aux_seed=1)
+
+    torch.set_num_threads(args.threads)
+    sample()
+    t0 = time.perf_counter()
+    sample()
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024}))
+
+
+def measure(mode: str, res: int, steps: int, split: float, checkpoint: Path, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--res", str(res), "--steps", str(steps),
+           "--split", str(split), "--checkpoint", str(checkpoint), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark worker failed ({mode}, {res}px):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="ksampler")
+    ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--split", type=float, default=0.3)
+    ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--resolutions", default="512,64", help="comma-separated pixel sizes")
+    ap.add_argument("--steps-512", type=int, default=10, help="steps at 512 px (slow on a CPU)")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    lines, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="dci-bench-") as tmp:
+        checkpoint = Path(tmp) / "tiny_sd15.safetensors"
+        for res in [int(r) for r in args.resolutions.split(",")]:
+            steps = args.steps_512 if res >= 512 else args.steps
+            base = measure("ksampler", res, steps, 0.0, checkpoint, args.threads)
+            rows.append(("KSampler", "-", "-", res, steps, base["seconds"], base["peak_rss_mb"], 1.0, 1.0, "-"))
+            for split in (0.2, 0.3):
+                for guidance in ("shared", "separate"):
+                    r = measure(guidance, res, steps, split, checkpoint, args.threads)
+                    bound = 1 + split if guidance == "separate" else 1 + split / 2
+                    tr = r["seconds"] / base["seconds"]
+                    mr = r["peak_rss_mb"] / base["peak_rss_mb"]
+                    rows.append(("DCI", split, guidance, res, steps, r["seconds"], r["peak_rss_mb"], tr, mr, bound))
+                    lines.append(f"dci_time_ratio={tr:.3f} bound={bound:.2f} mem_ratio={mr:.3f} split={split} "
+                                 f"guidance={guidance} res={res}")
+    print(f"{'sampler':8} {'split':>5} {'guidance':>9} {'res':>4} {'steps':>5} {'seconds':>8} {'peak MB':>8} "
+          f"{'time x':>7} {'mem x':>6} {'bound':>5}")
+    for s, a, g, res, steps, sec, mb, tr, mr, bound in rows:
+        b = f"{bound:.2f}" if bound != "-" else "-"
+        print(f"{s:8} {a!s:>5} {g:>9} {res:>4} {steps:>5} {sec:8.2f} {mb:8.0f} {tr:7.3f} {mr:6.3f} {b:>5}")
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Print the node reference (Markdown) from the nodes' own definitions, for the README.
+
+    python3 scripts/host.py python scripts/node_reference.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def describe_input(name: str, spec) -> str:
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    kind_s = "choice" if isinstance(kind, list) else kind
+    default = opts.get("default", kind[0] if isinstance(kind, list) and kind else None)
+    d = f" (default `{default}`)" if default not in (None, "") else ""
+    tip = opts.get("tooltip", "")
+    return f"`{name}` {kind_s}{d}: {tip}".rstrip(": ")
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE))
+    import comfy_host
+
+    comfy_host.configure_args()
+    comfy_host.boot()
+    import nodes
+
+    ours = sorted(k for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DCI"))
+    for node_id in ours:
+        cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+        display = nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id)
+        print(f"#### {display} (`{node_id}`, category `{cls.CATEGORY}`)\n")
+        print(f"{getattr(cls, 'DESCRIPTION', '').strip()}\n")
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, s in spec.get(section, {}).items():
+                extra = " *(optional)*" if section == "optional" else ""
+                print(f"- {describe_input(name, s)}{extra}")
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        tips = getattr(cls, "OUTPUT_TOOLTIPS", ()) or ()
+        outs = [f"`{n}` {t}" + (f": {tips[i]}" if i < len(tips) else "")
+                for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
+        print(f"- **outputs**: {'; '.join(outs)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

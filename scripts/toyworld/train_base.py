@@ -1,0 +1,460 @@
+"""Trains the toy world's base model from scratch on the CPU and writes one fp16 safetensors file.
+
+Stages (each resumable from the work folder):
+1. render the training scenes (seeded);
+2. train the TAESD-architecture VAE, mostly on 24×24 crops around the objects (cheap: convolutions don't
+   care about image size) with object pixels weighted up, then on whole images; then fit
+   ``vae_scale``/``vae_shift`` so that 0.18215 × latents have unit std, and cache all latents;
+   optionally polish the decoder alone (``--decoder-steps``; the encoder and latents stay fixed);
+3. train UNet and text encoder jointly on the cached latents with SD1.5's ε schedule, offset noise,
+   caption dropout and an EMA of the weights; checkpoints are written atomically every few minutes.
+
+Usage: python scripts/toyworld/train_base.py [--comfyui PATH] [--unet-steps N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO / "assets" / "toyworld" / "toyworld_base.safetensors"
+
+
+def setup_comfy(comfyui: str) -> None:
+    """Puts ComfyUI on the path in CPU mode (must run before anything imports model_management)."""
+    # ComfyUI first: its top-level ``nodes`` module must win over this repo's ``nodes`` package.
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def fmt_eta(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """safetensors write to ``path.tmp`` then rename, so a killed run never leaves a torn file."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """Flattens AdamW state into named tensors (no pickles in checkpoints)."""
+    out = {}
+    for i, (_, st) in enumerate(opt.state_dict()["state"].items()):
+        for k, v in st.items():
+            out[f"{prefix}{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Inverse of ``optimizer_tensors``."""
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix):
+            i, name = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+
+
+def render_data(n: int, seed: int):
+    from dci_core.toyworld.render import render_scene, sample_scenes
+
+    specs = sample_scenes(n, seed)
+    images = np.stack([render_scene(s) for s in specs])
+    return specs, images
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+
+
+def object_weights(images: np.ndarray) -> torch.Tensor:
+    """Per-pixel loss weights [N,64,64]: object pixels count 5×, so small objects aren't drowned out."""
+    from dci_core.toyworld import metrics
+
+    return torch.from_numpy(np.stack([metrics.object_mask(im) for im in images])).float() * 4 + 1
+
+
+def object_crops(
+    data: torch.Tensor, weight: torch.Tensor, centres: np.ndarray, idx: np.ndarray, size: int, rng
+):
+    """Crops of ``size`` px aligned to the 8-px latent grid, around the object 80 % of the time.
+
+    Returns images in 0..1 [B,3,s,s], weights [B,1,s,s] and the (x, y) origins in pixels.
+    """
+    xs, ws, origins = [], [], []
+    hi = 64 - size
+    for i in idx:
+        cx, cy = centres[i] if rng.random() < 0.8 else rng.uniform(0, 64, 2)
+        ox = int(np.clip(round((cx - size / 2) / 8) * 8, 0, hi))
+        oy = int(np.clip(round((cy - size / 2) / 8) * 8, 0, hi))
+        xs.append(data[i, :, oy : oy + size, ox : ox + size])
+        ws.append(weight[i, oy : oy + size, ox : ox + size])
+        origins.append((ox, oy))
+    return torch.stack(xs).float() / 255.0, torch.stack(ws)[:, None], origins
+
+
+def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted L2 + 0.1 L1, normalised by the weights."""
+    err = rec - x
+    return (w * (err**2 + 0.1 * err.abs())).sum() / (w.sum() * 3)
+
+
+def train_vae(specs, images: np.ndarray, args, work: Path):
+    """TAESD trained with L2 on crops, then scale/shift fitted; returns (taesd, latents [N,4,8,8])."""
+    from dci_core.toyworld import model as tm
+    from dci_core.toyworld.render import object_centre
+
+    path = work / "vae.safetensors"
+    taesd = tm.build_taesd()
+    if path.exists():
+        sd, _ = load_st(path)
+        latents = sd.pop("_latents")
+        taesd.load_state_dict(sd)
+        log(f"VAE: resumed from {path}")
+        return taesd, latents
+
+    torch.manual_seed(args.seed)
+    tm.init_weights(taesd)
+    taesd.train()
+    params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    opt = torch.optim.Adam(params, lr=args.vae_lr)
+    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,64,64]
+    weight = object_weights(images)
+    centres = np.array([object_centre(s.obj) for s in specs])
+    g = torch.Generator().manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    # Most steps on 24×24 crops around objects (7× cheaper than whole images, and objects are what a
+    # sparse random crop would miss); the last ones on whole images.
+    crop_steps = int(args.vae_steps * 0.85)
+    t0, run = time.time(), None
+    for step in range(args.vae_steps):
+        lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        size, bs = (24, 16) if step < crop_steps else (64, 4)
+        idx = rng.integers(0, len(data), bs)
+        x, w, _ = object_crops(data, weight, centres, idx, size, rng)
+        z = taesd.taesd_encoder(x)
+        z = z + 0.05 * torch.randn(z.shape, generator=g)  # decoder tolerant of imperfect latents
+        rec = taesd.taesd_decoder(z)
+        loss = weighted_loss(rec, x, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        done = step + 1
+        if done % 50 == 0 or done == args.vae_steps:
+            el = time.time() - t0
+            log(
+                f"VAE step {done}/{args.vae_steps} crop {size} loss {run:.5f} "
+                f"{el / done:.3f}s/step eta {fmt_eta(el / done * (args.vae_steps - done))}"
+            )
+
+    taesd.eval()
+    with torch.no_grad():
+        raw = torch.cat(
+            [taesd.taesd_encoder(data[i : i + 64].float() / 255.0) for i in range(0, len(data), 64)]
+        )
+        std, mean = raw.std().item(), raw.mean().item()
+        scale = tm.LATENT_SCALE * std
+        taesd.vae_scale.fill_(scale)
+        taesd.vae_shift.fill_(-mean / scale)
+        latents = tm.LATENT_SCALE * (raw / taesd.vae_scale + taesd.vae_shift)
+        rec = torch.cat(
+            [taesd.taesd_decoder(raw[i : i + 64]) for i in range(0, min(len(raw), 512), 64)]
+        ).clamp(0, 1)
+        psnr = -10 * math.log10(((rec - data[: len(rec)].float() / 255.0) ** 2).mean().item())
+    log(
+        f"VAE: raw latent mean {mean:.3f} std {std:.3f}; per-channel UNet-latent std "
+        f"{[round(v, 3) for v in latents.std(dim=(0, 2, 3)).tolist()]}; PSNR {psnr:.2f} dB"
+    )
+    save_atomic({**taesd.state_dict(), "_latents": latents}, path, {"psnr": f"{psnr:.2f}"})
+    return taesd, latents
+
+
+def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args, work: Path) -> None:
+    """Trains the decoder alone on the cached full-image latents, with object pixels weighted up.
+
+    An optional polish of the decoder only, for when more sharpness is wanted than the joint VAE stage
+    gave. The encoder stays frozen, so the cached latents (and a UNet trained on them) stay valid: this
+    stage can even run after the UNet stage, on a resumed run.
+    """
+    from dci_core.toyworld import model as tm
+    from dci_core.toyworld.render import object_centre
+
+    path = work / "decoder.safetensors"
+    if path.exists():
+        sd, _ = load_st(path)
+        taesd.taesd_decoder.load_state_dict(sd)
+        log(f"decoder: resumed from {path}")
+        return
+    if args.decoder_steps <= 0:
+        return
+    with torch.no_grad():
+        raw = (latents / tm.LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale  # the encoder's own output
+    weight = object_weights(images)
+    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    centres = np.array([object_centre(s.obj) for s in specs])
+    g = torch.Generator().manual_seed(args.seed + 3)
+    rng = np.random.default_rng(args.seed + 3)
+    dec = taesd.taesd_decoder
+    dec.train()
+    opt = torch.optim.Adam(dec.parameters(), lr=args.vae_lr * 0.5)
+    full_from = int(args.decoder_steps * 0.8)  # the last steps decode whole images, as sampling does
+    t0, run = time.time(), None
+    for step in range(args.decoder_steps):
+        for grp in opt.param_groups:
+            grp["lr"] = (
+                args.vae_lr * 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
+            )
+        size, bs = (64, 4) if step >= full_from else (32, 16)
+        idx = rng.integers(0, len(data), bs)
+        x, w, origins = object_crops(data, weight, centres, idx, size, rng)
+        z = torch.stack(
+            [
+                raw[i, :, oy // 8 : (oy + size) // 8, ox // 8 : (ox + size) // 8]
+                for i, (ox, oy) in zip(idx, origins, strict=True)
+            ]
+        )
+        rec = dec(z + 0.05 * torch.randn(z.shape, generator=g))
+        loss = weighted_loss(rec, x, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == args.decoder_steps:
+            el = time.time() - t0
+            log(
+                f"decoder step {step + 1}/{args.decoder_steps} loss {run:.5f} {el / (step + 1):.3f}s/step "
+                f"eta {fmt_eta(el / (step + 1) * (args.decoder_steps - step - 1))}"
+            )
+    dec.eval()
+    save_atomic(dict(dec.state_dict()), path, {"steps": str(args.decoder_steps)})
+
+
+# ------------------------------------------------------------------------------------------ stage 3
+
+
+class CaptionTokens:
+    """Caches token ids of captions: the Python BPE tokenizer is slow and captions repeat a lot."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self.cache:
+            pairs = self.clip.tokenize(text)["l"][0]
+            self.cache[text] = [int(t) for t, _ in pairs]
+        return self.cache[text]
+
+
+def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
+    from dci_core.toyworld import model as tm
+    from dci_core.toyworld.render import caption
+
+    torch.manual_seed(args.seed + 2)
+    text_cfg, unet_cfg = dict(tm.TEXT_CONFIG), dict(tm.UNET_CONFIG)
+    base = tm.build_unet(unet_cfg, text_cfg["hidden_size"])
+    clip = tm.build_clip(text_cfg)
+    dm = base.diffusion_model
+    te = clip.cond_stage_model.clip_l.transformer
+    tm.init_weights(dm)
+    tm.init_weights(te)
+    for p in list(dm.parameters()) + list(te.parameters()):
+        p.requires_grad_(True)
+    dm.train()
+    te.train()
+    named = [("unet." + k, p) for k, p in dm.named_parameters()] + [
+        ("text." + k, p) for k, p in te.named_parameters()
+    ]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    ema = {k: p.detach().clone() for k, p in named}
+    tokens = CaptionTokens(clip)
+    sigmas = base.model_sampling.sigmas.float()
+    alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+    ckpt = work / "unet_ckpt.safetensors"
+    start, elapsed_before = 0, 0.0
+    if ckpt.exists():
+        sd, meta = load_st(ckpt)
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(sd["w." + k])
+                ema[k].copy_(sd["ema." + k])
+        load_optimizer_tensors(opt, sd, "opt.")
+        start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
+        log(f"UNet: resumed at step {start}")
+
+    n_unet, n_text = tm.count_parameters(dm), tm.count_parameters(te)
+    log(f"UNet params {n_unet:,}, text params {n_text:,}; {args.unet_steps} steps, batch {args.batch}")
+    t0, run, last_ckpt = time.time(), None, time.time()
+    warmup = 200
+    for step in range(start, args.unet_steps):
+        rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx = rng.integers(0, len(specs), args.batch)
+        texts = ["" if rng.random() < args.caption_dropout else caption(specs[i], rng) for i in idx]
+        ids = torch.tensor([tokens(t) for t in texts])
+        x0 = latents[torch.from_numpy(idx)]
+        noise = torch.randn(x0.shape, generator=g)
+        noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+        t = torch.randint(0, len(sigmas), (args.batch,), generator=g)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+        lr = args.lr * min(1.0, (step + 1) / warmup)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        ctx = tm.text_hidden_states(te, te.get_input_embeddings()(ids))
+        pred = dm(xt, t.float(), context=ctx)
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for k, p in named:
+                ema[k].lerp_(p.detach(), 1 - decay)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+
+        done = step + 1
+        if done % 25 == 0 or done == args.unet_steps:
+            el = time.time() - t0
+            per = el / (done - start)
+            log(
+                f"UNet step {done}/{args.unet_steps} loss {run:.4f} lr {lr:.2e} {per:.3f}s/step "
+                f"eta {fmt_eta(per * (args.unet_steps - done))}"
+            )
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 or done == args.unet_steps:
+            tensors = {"w." + k: p for k, p in named}
+            tensors.update({"ema." + k: v for k, v in ema.items()})
+            tensors.update(optimizer_tensors(opt, "opt."))
+            meta = {"step": str(done), "elapsed": str(elapsed_before + time.time() - t0)}
+            save_atomic(tensors, ckpt, meta)
+            write_model(
+                dm,
+                clip,
+                taesd,
+                ema,
+                named,
+                args,
+                work / "toyworld_latest.safetensors",
+                done,
+                elapsed_before + time.time() - t0,
+            )
+            last_ckpt = time.time()
+            log(f"checkpoint at step {done}")
+    return dm, clip, ema, named, elapsed_before + time.time() - t0
+
+
+def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, seconds: float) -> None:
+    """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata."""
+    from dci_core.toyworld import model as tm
+    from dci_core.toyworld.render import WORLD_VERSION
+
+    backup = {k: p.detach().clone() for k, p in named}
+    with torch.no_grad():
+        for k, p in named:
+            p.copy_(ema[k])
+    try:
+        sd = tm.state_dict_for_file(dm, clip.cond_stage_model, taesd)
+    finally:
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(backup[k])
+    meta = tm.file_metadata(
+        tm.TEXT_CONFIG,
+        tm.UNET_CONFIG,
+        {
+            "world_version": WORLD_VERSION,
+            "steps": steps,
+            "seed": args.seed,
+            "train_seconds": round(seconds, 1),
+            "batch": args.batch,
+            "images": args.images,
+            "vae_steps": args.vae_steps,
+            "decoder_steps": args.decoder_steps,
+            "lr": args.lr,
+            "offset_noise": args.offset_noise,
+            "caption_dropout": args.caption_dropout,
+        },
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(sd, path, meta)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/tmp/ctest/ComfyUI"))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/toyworld_work"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--vae-steps", type=int, default=900)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only refinement (0: skip)")
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--offset-noise", type=float, default=0.1)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    setup_comfy(args.comfyui)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    log(f"args {json.dumps({k: str(v) for k, v in vars(args).items()})}")
+    specs, images = render_data(args.images, args.seed)
+    log(f"rendered {len(specs)} scenes")
+    taesd, latents = train_vae(specs, images, args, args.work)
+    refine_decoder(specs, images, latents, taesd, args, args.work)
+    dm, clip, ema, named, seconds = train_unet(specs, latents, taesd, args, args.work)
+    write_model(dm, clip, taesd, ema, named, args, args.out, args.unet_steps, time.time() - t_start)
+    log(
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {(time.time() - t_start) / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
