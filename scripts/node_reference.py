@@ -1,6 +1,7 @@
-"""Print the node reference (Markdown) from the nodes' own definitions, for the README.
+"""The node reference (Markdown) from the nodes' own definitions, so the README never drifts from the code.
 
-    python3 scripts/host.py python scripts/node_reference.py
+    python3 scripts/host.py python scripts/node_reference.py            # print it
+    python3 scripts/host.py python scripts/node_reference.py --readme   # rewrite the README's section
 """
 
 from __future__ import annotations
@@ -20,7 +21,31 @@ def describe_input(name: str, spec) -> str:
     return f"`{name}` {kind_s}{d}: {tip}".rstrip(": ")
 
 
+START, END = "<!-- node-reference:start -->", "<!-- node-reference:end -->"
+
+
 def main() -> int:
+    import contextlib
+    import io
+    import os
+
+    if "--readme" in sys.argv:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            reference()
+        readme = HERE.parent / "README.md"
+        text = readme.read_text()
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        tmp = readme.with_suffix(".md.tmp")
+        tmp.write_text(f"{head}{START}\n{buf.getvalue()}{END}{tail}")
+        os.replace(tmp, readme)
+        return 0
+    reference()
+    return 0
+
+
+def reference() -> None:
     sys.path.insert(0, str(HERE))
     import comfy_host
 
@@ -44,7 +69,6 @@ def main() -> int:
         outs = [f"`{n}` {t}" + (f": {tips[i]}" if i < len(tips) else "")
                 for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
         print(f"- **outputs**: {'; '.join(outs)}\n")
-    return 0
 
 
 if __name__ == "__main__":

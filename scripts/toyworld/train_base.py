@@ -421,7 +421,8 @@ def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, secon
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/tmp/ctest/ComfyUI"))
+    ap.add_argument("--comfyui", default=os.environ.get("DCI_COMFYUI_DIR") or os.environ.get("COMFYUI_PATH"),
+                    help="the ComfyUI tree (set when run through scripts/host.py)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=Path("/tmp/toyworld_work"))
     ap.add_argument("--seed", type=int, default=0)
