@@ -190,3 +190,107 @@ def format_execution_error(error: dict) -> str:
         f"node {error.get('node_id')} ({error.get('node_type')}) failed: "
         f"{error.get('exception_type', '')}: {error.get('exception_message', '').strip()}"
     )
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+def parse_value(text: str):
+    """A --set value: JSON when it parses (numbers, true/false, lists), otherwise the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(graph: dict, overrides: list[str]) -> dict:
+    """``node.input=value`` overrides; node is the node id or its class_type when unique."""
+    graph = json.loads(json.dumps(graph))
+    for item in overrides:
+        target, sep, value = item.partition("=")
+        node, dot, name = target.rpartition(".")
+        if not sep or not dot or not node or not name:
+            raise ComfyError(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. 3.seed=42 or KSampler.steps=30")
+        if node not in graph:
+            matches = [k for k, v in graph.items() if v.get("class_type") == node]
+            if len(matches) != 1:
+                raise ComfyError(f"--set {item!r}: no node with id {node!r}"
+                                 + (f"; class {node!r} is used by nodes {matches}" if matches else ""))
+            node = matches[0]
+        inputs = graph[node].setdefault("inputs", {})
+        if name not in inputs:
+            raise ComfyError(f"--set {item!r}: node {node} ({graph[node].get('class_type')}) has no input {name!r}; "
+                             f"it has {', '.join(sorted(inputs))}")
+        if isinstance(inputs[name], list):
+            raise ComfyError(f"--set {item!r}: {name!r} is a link from another node, not a value")
+        inputs[name] = parse_value(value)
+    return graph
+
+
+def _progress_printer(stream):
+    def show(event: str, data: dict) -> None:
+        if event == "progress":
+            width = 30
+            done = int(width * data["value"] / max(1, data["max"]))
+            stream.write(f"\r  node {data['node']}: [{'#' * done}{'.' * (width - done)}] {data['value']}/{data['max']}")
+            if data["value"] >= data["max"]:
+                stream.write("\n")
+            stream.flush()
+        elif event == "executing" and data.get("node"):
+            stream.write(f"running node {data['node']}\n")
+        elif event == "execution_cached" and data.get("nodes"):
+            stream.write(f"cached: {', '.join(map(str, data['nodes']))}\n")
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(
+        description="Queue an API-format workflow on a ComfyUI server, follow its progress, download its outputs.")
+    ap.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/dci_vs_plain.json)")
+    ap.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                    help="override an input, e.g. --set 3.seed=42 --set DCIPromptEncode.text='a sks dog'")
+    ap.add_argument("--out", default="comfy-outputs", help="folder for the downloaded outputs (default %(default)s)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    args = ap.parse_args(argv)
+    try:
+        graph = json.loads(Path(args.workflow).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"cannot read {args.workflow}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(graph, dict) or not all(isinstance(v, dict) and "class_type" in v for v in graph.values()):
+        print(f"{args.workflow} is not an API-format workflow (export it with 'Save (API)')", file=sys.stderr)
+        return 2
+    client = ComfyClient(args.server, timeout=30)
+    try:
+        graph = apply_overrides(graph, args.overrides)
+        result = client.run(graph, timeout=args.timeout, on_message=_progress_printer(sys.stderr))
+    except ComfyError as e:
+        print(f"the server refused the workflow:\n{e}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, ConnectionError, OSError) as e:
+        print(f"cannot reach ComfyUI at {args.server}: {e}", file=sys.stderr)
+        return 1
+    if result.status != "success":
+        detail = format_execution_error(result.error) if result.error else result.status
+        print(f"the workflow did not finish: {detail}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image in result.images():
+        name = Path(image["filename"]).name
+        target, n = out / name, 1
+        while target.exists():  # never overwrite an earlier download
+            target, n = out / f"{Path(name).stem}-{n}{Path(name).suffix}", n + 1
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(client.view(image))
+        tmp.replace(target)
+        print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,3 +52,35 @@ def test_a_bad_graph_is_refused_with_node_errors_and_the_server_keeps_serving(se
     assert "does_not_exist.safetensors" in str(err.value)
     assert server.alive()
     assert "DCIModelInfo" in client.object_info("DCIModelInfo")
+
+
+def _client_cli(server, *args):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "comfy_client.py"
+    return subprocess.run([sys.executable, str(script), "--server", server.url, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_headless_client_queues_overrides_follows_and_downloads(server, tmp_path):
+    wf = str(WORKFLOWS / "api" / "model_info_and_sample.json")
+    run = _client_cli(server, wf, "--set", "3.steps=3", "--set", "KSampler.seed=5", "--set",
+                      "2.text=a red ball", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    (path,) = run.stdout.split()
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    assert "3/3" in run.stderr  # the progress bar of the sampler
+    # a second run never overwrites the first download
+    again = _client_cli(server, wf, "--set", "3.steps=2", "--out", str(tmp_path))
+    assert again.returncode == 0 and again.stdout.split() != [path] and Path(path).exists()
+
+
+def test_headless_client_reports_errors_readably(server, tmp_path):
+    wf = str(WORKFLOWS / "api" / "model_info_and_sample.json")
+    bad = _client_cli(server, wf, "--set", "1.ckpt_name=missing.safetensors", "--out", str(tmp_path))
+    assert bad.returncode == 1
+    assert "node 1 (CheckpointLoaderSimple)" in bad.stderr and "missing.safetensors" in bad.stderr
+    typo = _client_cli(server, wf, "--set", "3.stepz=3")
+    assert typo.returncode == 1 and "has no input 'stepz'" in typo.stderr
+    assert list(tmp_path.iterdir()) == []
