@@ -22,3 +22,7 @@ serve: setup  ## ComfyUI with this pack on 127.0.0.1:$${PORT:-8188}; extra flags
 
 bench-dci: setup  ## DCI KSampler vs stock KSampler: time and peak-memory ratios (prints key=value lines last)
 	$(HOST) python scripts/bench_dci.py
+
+.PHONY: bench-quality
+bench-quality: setup  ## fidelity, editability and prompt accuracy of base / Custom Diffusion / ICO, plain and DCI sampling, on the toy model (key=value lines last; BENCH_ARGS for options)
+	$(HOST) python scripts/bench_quality.py $(BENCH_ARGS)
