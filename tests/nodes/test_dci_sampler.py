@@ -221,3 +221,29 @@ def test_clear_errors(comfy, tiny_sd15):
         dci(comfy, ksampler_args(m, pos, plain, lat), guidance="both")
     with pytest.raises(ValueError, match="tau must be"):
         dci(comfy, ksampler_args(m, pos, plain, lat), tau=0.0)
+
+
+def test_a_call_without_whole_branch_pairs_falls_back_and_warns_once(comfy, caplog):
+    """If ComfyUI ever split a UNet batch so that a concept row's partner is elsewhere, that call runs
+    without the blend (never mixing wrong rows) and one warning says so."""
+    import logging
+
+    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
+    dbim = comfy.pack_module("dci_core.dbim")
+    state = comfy_dci.DCIState(dbim.DBIMSettings(), data=None, context_length=77)
+    wrapper = comfy_dci.make_apply_model_wrapper(state)
+    seen = []
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        seen.append(transformer_options)
+        return x * 2
+
+    info = comfy_dci.StepInfo(mixed_index=0, uncond_index=1, batch=2, shared=True)
+    x = torch.randn(6, 4, 8, 8)  # 3 chunks of 2 rows: not whole pairs of a batch of 2 images
+    options = {comfy_dci.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            out = wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
+            assert torch.equal(out, x * 2)
+    assert all(comfy_dci.ROWS_KEY not in o for o in seen)
+    assert caplog.text.count("did not contain whole branch pairs") == 1
