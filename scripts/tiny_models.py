@@ -279,3 +279,31 @@ def tiny_sdxl_in_memory(seed: int = 0):
     _init_random(taesd, seed + 2)
     vae = comfy.sd.VAE(sd=taesd.state_dict())
     return patcher, clip, vae
+
+
+def tiny_sd2_in_memory(seed: int = 0):
+    """(MODEL, CLIP, VAE) of the SD2.x family: a 64-wide CLIP-H-architecture encoder, a 32-channel UNet."""
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.taesd.taesd
+    import comfy.text_encoders.sd2_clip as sd2_clip
+
+    # SD20 forces 64 channels per head, so the UNet is 64 channels wide (1 and 2 heads)
+    unet = {**TINY_IN_MEMORY_UNET, "model_channels": 64, "use_linear_in_transformer": True}
+    config = comfy.supported_models.SD20(unet)
+    model = config.get_model({})
+    _init_random(model.diffusion_model, seed)
+    patcher = _cpu_patcher(model)
+    target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+    clip = comfy.sd.CLIP(
+        target,
+        model_options={"model_name": "clip_h", "clip_h_model_config": {**TINY_CLIP_L, "num_hidden_layers": 3},
+                       "dtype": torch.float32, "load_device": torch.device("cpu"),
+                       "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")},
+    )
+    _init_random(clip.cond_stage_model, seed + 1)
+    _small_text_embeddings(clip.cond_stage_model.clip_h.transformer.text_model, seed + 3)
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    _init_random(taesd, seed + 2)
+    return patcher, clip, comfy.sd.VAE(sd=taesd.state_dict())

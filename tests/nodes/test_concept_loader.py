@@ -184,3 +184,27 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="strength_model must be a number"):
         comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name, strength_model=float("nan"),
                        strength_clip=1.0)
+
+
+def test_sd2_family_loads_its_concept_and_refuses_an_sd1_one(comfy, tiny_sd15):
+    from tiny_models import tiny_sd2_in_memory
+
+    model, clip, _ = tiny_sd2_in_memory()
+    (text,), _ = comfy.run_node("DCIModelInfo", model=model, clip=clip)
+    import json
+
+    info = json.loads(text)
+    assert info["family"] == "sd2" and info["text_encoders"] == ["h"]
+    concept = random_concept(model, clip, trigger="sks", family="sd2")
+    assert set(concept.tokens) == {"clip_h"}
+    name = write_concept(concept, "test_sd2")
+    (m2, c2, ref), _ = comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name,
+                                      strength_model=1.0, strength_clip=1.0)
+    vectors = [t[0] for t in c2.tokenize("a sks dog")["h"][0] if isinstance(t[0], torch.Tensor)]
+    assert len(vectors) == 2 and torch.equal(vectors[0], concept.tokens["clip_h"][0])
+    assert ref.family == "sd2"
+    sample(comfy, m2, c2, text="a sks dog", steps=2)
+    sd1_name = write_concept(random_concept(*tiny_sd15[:2]), "test_sd1_on_sd2")
+    with pytest.raises(ValueError, match=r"trained for SD1\.x but this MODEL is SD2\.x"):
+        comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=sd1_name, strength_model=1.0,
+                       strength_clip=1.0)
