@@ -3,7 +3,7 @@ PYTHON ?= python3
 HOST := $(PYTHON) scripts/host.py
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo serve bench-dci bench-train
+.PHONY: setup test lint demo serve bench-dci bench-train browser-setup
 
 setup:  ## build (first run) or reuse the cached ComfyUI host; link this pack into .comfy/
 	$(HOST) ensure
@@ -11,7 +11,15 @@ setup:  ## build (first run) or reuse the cached ComfyUI host; link this pack in
 lint: setup  ## ruff, including the Comfy Registry's rules (S102, S307, E702)
 	$(HOST) python -m ruff check .
 
-test: lint  ## the whole test suite against the real ComfyUI (unit, in-process nodes, end-to-end server)
+browser-setup:  ## Debian's Chromium for the browser tests (where root and apt-get can install it; else they skip)
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[browser] installing Debian's chromium for tests/e2e/test_browser.py"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+	    >/dev/null 2>&1 || echo "[browser] could not install chromium; the browser tests will skip"; \
+	else echo "[browser] no /usr/bin/chromium and no root apt-get to install it; the browser tests will skip"; fi
+
+test: lint browser-setup  ## the whole test suite against the real ComfyUI (unit, in-process nodes, end-to-end server, browser)
 	$(HOST) python -m pytest $(PYTEST_ARGS)
 
 demo: setup  ## the main job, headless through a real ComfyUI server; prints where the outputs are
@@ -26,3 +34,6 @@ bench-dci: setup  ## DCI KSampler vs stock KSampler: time and peak-memory ratios
 .PHONY: bench-quality
 bench-quality: setup  ## fidelity, editability and prompt accuracy of base / Custom Diffusion / ICO, plain and DCI sampling, on the toy model (key=value lines last; BENCH_ARGS for options)
 	$(HOST) python scripts/bench_quality.py $(BENCH_ARGS)
+
+bench-train: setup  ## DCI Train Concept (ico) vs ComfyUI's Train LoRA: seconds per step and peak-memory ratios (key=value lines last)
+	$(HOST) python scripts/bench_train.py
