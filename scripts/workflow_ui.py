@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 WORKFLOWS = HERE.parent / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_NAMES = ("seed", "noise_seed")
+UPLOAD_OPTIONS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
 
 
 def _spec(entry) -> tuple[object, dict]:
@@ -35,6 +36,12 @@ def is_widget(entry) -> bool:
 def has_control(name: str, entry) -> bool:
     _, opts = _spec(entry)
     return bool(opts.get("control_after_generate")) or name in CONTROL_NAMES
+
+
+def has_upload(entry) -> bool:
+    """Inputs with an upload button: the front end saves one more widget value ("image"/"audio"/...)."""
+    _, opts = _spec(entry)
+    return any(opts.get(k) for k in UPLOAD_OPTIONS)
 
 
 def ordered_inputs(info: dict) -> list[tuple[str, object]]:
@@ -98,6 +105,9 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 widgets.append(given if name in api[node]["inputs"] else _default(entry))
                 if has_control(name, entry):
                     widgets.append("fixed")
+                if has_upload(entry):
+                    _, opts = _spec(entry)
+                    widgets.append(next(v for k, v in UPLOAD_OPTIONS.items() if opts.get(k)))
             else:
                 link = link_of.get((node, name))
                 inputs.append({"name": name, "type": _socket_type(entry), "link": link[0] if link else None})
@@ -144,6 +154,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     raise ValueError(f"node {n['id']} ({n['type']}): too few widget values")
                 inputs[name] = values.pop(0)
                 if has_control(name, entry):
+                    values.pop(0)
+                if has_upload(entry):
                     values.pop(0)
             elif linked.get(name) is not None:
                 link = links[linked[name]]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from browser import Chromium, find_chromium
-from workflow_ui import ordered_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
@@ -136,13 +135,9 @@ def test_workflow_loads_in_the_front_end(page, object_info, ui_path):
     assert flagged == [], f"nodes flagged with errors: {flagged}"
     assert page.console_errors == [], "errors in the page while loading:\n" + "\n".join(page.console_errors)
 
-    # The widget values as the front end holds them are the file's. Widgets that the front end adds on its
-    # own (LoadImage's upload button) are not inputs of the node and have no value in the file.
-    types = {str(n["id"]): n["type"] for n in ui["nodes"]}
-    inputs = {nid: {name for name, _ in ordered_inputs(object_info[t])} for nid, t in types.items()}
-    held = {nid: [value for name, value, linked in widgets if linked or name in inputs[nid]]
-            for nid, widgets in got["widgets"].items()}
-    assert held == {str(n["id"]): n["widgets_values"] for n in ui["nodes"]}
+    # The widget values as the front end holds and saves them are the file's, value for value (including the
+    # extra values it saves for seed controls and upload buttons).
+    assert got["serialized"] == {str(n["id"]): n["widgets_values"] for n in ui["nodes"]}
     # The front end's own UI→API conversion gives exactly the API twin we ship.
     output = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in got["output"].items()}
     assert output == api
