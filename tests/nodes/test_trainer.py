@@ -246,3 +246,21 @@ def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup):
     with pytest.raises(ValueError, match="loss became nan at step 1"):
         train(comfy, model, clip, vae, images, "t_nan")
     assert _no_file("t_nan")
+
+
+def test_sd2_family_trains_clip_h_tokens_and_contexts(comfy):
+    """SD2.x: the text encoder is ComfyUI's clip_h; tokens and contexts are trained and saved for it, and the
+    trained concept loads back through DCI Load Concept."""
+    from tiny_models import tiny_sd2_in_memory
+
+    with torch.inference_mode():
+        model, clip, vae = tiny_sd2_in_memory(seed=0)
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    (m, c, ref, curve), _ = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
+                                           save_name="t_sd2", **BASE)
+    concept = load_concept(concepts_folder() / "t_sd2.safetensors")
+    assert concept.family == "sd2" and set(concept.tokens) == {"clip_h"}
+    assert set(concept.contexts) == {"clip_h.prefix", "clip_h.suffix"}
+    assert concept.steps == 2 and ref.family == "sd2"
+    vectors = [t[0] for t in c.tokenize("a qxz dog")["h"][0] if isinstance(t[0], torch.Tensor)]
+    assert len(vectors) == 2 and torch.equal(vectors[0], concept.tokens["clip_h"][0])
