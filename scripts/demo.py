@@ -1,68 +1,154 @@
-"""``make demo``: the project's main job, headless through a real ComfyUI server.
+"""``make demo``: the project's main job, headless through a real ComfyUI server, on the bundled toy world.
 
-Starts ComfyUI with this pack on a free loopback port (project-local folders under ``.comfy/``), queues the
-example graph in API format, follows its progress on the websocket, and prints where the outputs are.
-
-Until the bundled toy-world model exists, the graph runs on the tiny SD1.5-architecture checkpoint with
-random weights (generated here on first use), so the pictures are noise: the demo proves the chain
-(checkpoint loading, our node, sampling, decoding, saving) end to end.
+Starts ComfyUI with this pack on a free loopback port (project-local folders under ``.comfy/``), copies the
+bundled training renders of the "badge" concept into ComfyUI's input folder, and queues
+``workflows/api/toyworld_demo.json``: the ICO trainer learns the concept from the five renders (all on a white
+background, centred), then each of four new prompts (other backgrounds, positions, sizes) is sampled with
+the stock KSampler and with the DCI KSampler. The demo follows the progress on the websocket, writes a
+labelled comparison grid, and prints the fidelity/editability metrics of every picture and where the files
+are.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import host
 from comfy_client import format_execution_error
 from comfy_server import ComfyServer
 
-WORKFLOW = host.REPO / "workflows" / "api" / "model_info_and_sample.json"
-TINY_CHECKPOINT = host.LOCAL / "models" / "checkpoints" / "tiny_sd15.safetensors"
+WORKFLOW = host.REPO / "workflows" / "api" / "toyworld_demo.json"
+RENDERS = host.REPO / "assets" / "toyworld" / "concepts" / "badge"
+CONCEPT = "badge"
+CELL, GAP = 64, 2
 
 
-def ensure_tiny_checkpoint() -> None:
-    if TINY_CHECKPOINT.exists():
-        return
-    print(f"generating the tiny SD1.5-architecture checkpoint (random weights) at {TINY_CHECKPOINT}")
-    sys.path.insert(0, str(host.comfy_dir()))
-    import comfy.cli_args
+def copy_renders() -> None:
+    """The training renders, into ComfyUI's input folder (as a user would upload them)."""
+    target = host.LOCAL / "input"
+    target.mkdir(parents=True, exist_ok=True)
+    renders = sorted(RENDERS.glob("*.png"))
+    if len(renders) < 5:
+        sys.exit(f"the toy-world renders are missing from {RENDERS}; is the checkout complete?")
+    for i, src in enumerate(renders[:5]):
+        dst = target / f"dci_badge_{i}.png"
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
 
-    comfy.cli_args.args.cpu = True
-    from tiny_models import write_tiny_sd15_checkpoint
 
-    write_tiny_sd15_checkpoint(TINY_CHECKPOINT)
+def cells(grid, rows: int):
+    """(plain, dci) crops of each row of the stitched grid, as uint8 arrays."""
+    import numpy as np
+
+    a = np.asarray(grid.convert("RGB"))
+    out = []
+    for r in range(rows):
+        y = r * (CELL + GAP)
+        out.append((a[y:y + CELL, 0:CELL], a[y:y + CELL, CELL + GAP:2 * CELL + GAP]))
+    return out
 
 
-def main() -> int:
+def labelled_grid(grid, prompts: list[str], scale: int = 3):
+    """The grid enlarged, with a column header per sampler and the prompt beside each row."""
+    from PIL import Image, ImageDraw
+
+    big = grid.convert("RGB").resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    left, top = 330, 28
+    canvas = Image.new("RGB", (left + big.width + 10, top + big.height + 10), "white")
+    canvas.paste(big, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left + 10, 8), "plain KSampler", fill="black")
+    draw.text((left + (CELL + GAP) * scale + 10, 8), "DCI KSampler", fill="black")
+    for r, prompt in enumerate(prompts):
+        y = top + r * (CELL + GAP) * scale + CELL * scale // 2 - 6
+        draw.text((8, y), prompt, fill="black")
+    return canvas
+
+
+def unique_path(folder: Path, stem: str) -> Path:
+    n = 1
+    while (folder / f"{stem}_{n:05d}.png").exists():
+        n += 1
+    return folder / f"{stem}_{n:05d}.png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-name", default=None, help="another toy-world model file (DCI Toy World Loader list)")
+    ap.add_argument("--train-steps", type=int, default=None, help="override the workflow's training steps")
+    args = ap.parse_args(argv)
     t0 = time.time()
     host.ensure_local()
-    ensure_tiny_checkpoint()
+    copy_renders()
     graph = json.loads(WORKFLOW.read_text())
-    log_path = host.LOCAL / "temp" / "demo-server.log"
+    if args.model_name:
+        graph["1"]["inputs"]["model_name"] = args.model_name
+    if args.train_steps:
+        graph["11"]["inputs"]["steps"] = args.train_steps
+    prompts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "DCIPromptEncode"]
+    log_path = host.LOCAL / "logs" / "demo-server.log"  # not temp/: ComfyUI empties it at start-up
     print(f"starting ComfyUI {host.COMFYUI_VERSION} with this pack (log: {log_path})")
     with ComfyServer(host.LOCAL, log_path) as server:
         print(f"server up at {server.url} after {time.time() - t0:.1f}s; queueing {WORKFLOW.relative_to(host.REPO)}")
+        last = {}
 
         def show(event: str, data: dict) -> None:
             if event == "progress":
-                print(f"  node {data['node']}: step {data['value']}/{data['max']}", flush=True)
+                node = data["node"]
+                kind = graph.get(str(node), {}).get("class_type", "")
+                every = 50 if kind == "DCITrainConcept" else 10
+                if data["value"] == data["max"] or data["value"] % every == 0 or last.get(node) is None:
+                    print(f"  {kind} (node {node}): step {data['value']}/{data['max']}", flush=True)
+                last[node] = data["value"]
             elif event == "executing" and data.get("node"):
-                print(f"  running node {data['node']} ({graph[data['node']]['class_type']})", flush=True)
+                kind = graph.get(str(data["node"]), {}).get("class_type", "")
+                if kind in ("DCITrainConcept", "DCIToyWorldLoader"):
+                    print(f"  running {kind} (node {data['node']})", flush=True)
 
-        result = server.client().run(graph, timeout=600, on_message=show)
-    if result.status != "success":
-        print(f"the demo graph failed: {format_execution_error(result.error or {})}", file=sys.stderr)
-        return 1
-    outputs = result.outputs()
-    info = json.loads(outputs["8"]["text"][0])
-    print(f"model: {info['config']} ({info['family']}), {info['cross_attention_layers']} cross-attention layers, "
-          f"{info['kv_parameters']:,} key/value parameters")
-    out_dir = host.LOCAL / "output"
-    for image in result.images():
-        print(f"wrote {out_dir / image.get('subfolder', '') / image['filename']}")
-    print(f"demo finished in {time.time() - t0:.1f}s")
+        client = server.client()
+        result = client.run(graph, timeout=1800, on_message=show)
+        if result.status != "success":
+            print(f"the demo graph failed: {format_execution_error(result.error or {})}", file=sys.stderr)
+            return 1
+        images = {img["filename"]: img for img in result.images()}
+        grid_ref = next(img for name, img in images.items() if name.startswith("toyworld_demo_grid"))
+        from PIL import Image
+
+        grid = Image.open(io.BytesIO(client.view(grid_ref)))
+    out_dir = host.LOCAL / "output" / "dci"
+    labelled = labelled_grid(grid, prompts)
+    path = unique_path(out_dir, "toyworld_demo_labelled")
+    tmp = path.with_name(f".{path.name}.tmp")
+    labelled.save(tmp, format="PNG")
+    tmp.replace(path)
+
+    sys.path.insert(0, str(host.REPO))
+    from dci_core.toyworld import concepts, fidelity
+
+    concept = concepts.CONCEPTS[CONCEPT]
+    print("\nmetrics (from pixels; fidelity = looks like the badge, editability = background/position/size as asked)")
+    print(f"{'prompt':52} {'sampler':8} {'fidelity':>8} {'editability':>11}")
+    totals = {"plain": [], "DCI": []}
+    for prompt, (plain, dci) in zip(prompts, cells(grid, len(prompts)), strict=True):
+        for name, img in (("plain", plain), ("DCI", dci)):
+            fid = fidelity.fidelity(img, concept)
+            edit = fidelity.mean_score(fidelity.editability_scores(img, prompt, concept))
+            totals[name].append((fid, edit))
+            print(f"{prompt:52} {name:8} {fid:8.2f} {edit:11.2f}")
+    for name, vals in totals.items():
+        f = sum(v[0] for v in vals) / len(vals)
+        e = sum(v[1] for v in vals) / len(vals)
+        print(f"sampler={name} fidelity={f:.3f} editability={e:.3f}")
+    for name in images:
+        print(f"wrote {out_dir / name}")
+    print(f"wrote {path}")
+    print(f"demo finished in {time.time() - t0:.0f}s")
     return 0
 
 
