@@ -93,7 +93,8 @@ def vae_ceiling(vae, prompts: list[str]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/tmp/ctest/ComfyUI"))
+    ap.add_argument("--comfyui", default=os.environ.get("DCI_COMFYUI_DIR") or os.environ.get("COMFYUI_PATH"),
+                    help="the ComfyUI tree (set when run through scripts/host.py)")
     ap.add_argument("--model", type=Path, default=REPO / "assets" / "toyworld" / "toyworld_base.safetensors")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=2, help="images per prompt")
