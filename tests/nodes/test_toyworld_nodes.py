@@ -109,3 +109,21 @@ def test_scene_node_renders_the_world(comfy):
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), expected)
     with pytest.raises(Exception, match="pick different colours"):
         comfy.run_node("DCIToyWorldScene", **{**attrs, "background": "red"})
+
+
+def test_bundled_model_generates_the_asked_background(comfy):
+    """A quick end-to-end generation on the committed toy weights with stock nodes, read back from pixels."""
+    import numpy as np
+
+    from dci_core.toyworld import metrics
+
+    (model, clip, vae), _ = comfy.run_node("DCIToyWorldLoader", model_name="toyworld_base.safetensors")
+    (neg,), _ = comfy.run_node("CLIPTextEncode", clip=clip, text="")
+    (latent,), _ = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=2)
+    for colour in ("blue", "yellow"):
+        (pos,), _ = comfy.run_node("CLIPTextEncode", clip=clip, text=f"a red circle on a {colour} background")
+        (out,), _ = comfy.run_node("KSampler", model=model, seed=1, steps=12, cfg=4.5, sampler_name="euler",
+                                   scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+        (images,), _ = comfy.run_node("VAEDecode", vae=vae, samples=out)
+        pixels = (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        assert [metrics.background_colour(p) for p in pixels] == [colour, colour]
