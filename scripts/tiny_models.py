@@ -165,32 +165,36 @@ TINY_CLIP_L = {
 }
 
 
-def tiny_sd15_in_memory(seed: int = 0):
-    """(MODEL, CLIP, VAE) of the SD1.5 family with a 32-channel UNet and a 64-wide, 2-layer CLIP."""
+def _in_memory(config_class, unet: dict, tokenizer_class, clip_class, encoders: dict[str, dict], seed: int,
+               extra_options: dict | None = None):
+    """(MODEL, CLIP, VAE) on the CPU: ComfyUI's model config with ``unet``, a CLIP whose text encoders
+    (``encoders``: ComfyUI name → config overrides) get small random embeddings, and a random TAESD VAE."""
     import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models
+    import comfy.supported_models_base
     import comfy.taesd.taesd
 
-    config = comfy.supported_models.SD15(dict(TINY_IN_MEMORY_UNET))
-    model = config.get_model({})
+    model = config_class(dict(unet)).get_model({})
     _init_random(model.diffusion_model, seed)
     patcher = _cpu_patcher(model)
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={"clip_l_model_config": dict(TINY_CLIP_L), "dtype": torch.float32,
-                       "load_device": torch.device("cpu"), "offload_device": torch.device("cpu"),
-                       "initial_device": torch.device("cpu")},
-    )
+    cpu = torch.device("cpu")
+    options = {f"{name}_model_config": dict(cfg) for name, cfg in encoders.items()}
+    options.update(dtype=torch.float32, load_device=cpu, offload_device=cpu, initial_device=cpu, **(extra_options or {}))
+    clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer_class, clip_class), model_options=options)
     _init_random(clip.cond_stage_model, seed + 1)
-    _small_text_embeddings(clip.cond_stage_model.clip_l.transformer.text_model, seed + 3)
-
+    for i, name in enumerate(encoders):
+        _small_text_embeddings(getattr(clip.cond_stage_model, name).transformer.text_model, seed + 3 + i)
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
     _init_random(taesd, seed + 2)
-    vae = comfy.sd.VAE(sd=taesd.state_dict())
-    return patcher, clip, vae
+    return patcher, clip, comfy.sd.VAE(sd=taesd.state_dict())
+
+
+def tiny_sd15_in_memory(seed: int = 0):
+    """(MODEL, CLIP, VAE) of the SD1.5 family with a 32-channel UNet and a 64-wide, 2-layer CLIP."""
+    import comfy.sd1_clip
+    import comfy.supported_models
+
+    return _in_memory(comfy.supported_models.SD15, TINY_IN_MEMORY_UNET, comfy.sd1_clip.SD1Tokenizer,
+                      comfy.sd1_clip.SD1ClipModel, {"clip_l": TINY_CLIP_L}, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,58 +256,20 @@ TINY_SDXL_UNET = {
 
 def tiny_sdxl_in_memory(seed: int = 0):
     """(MODEL, CLIP, VAE) of the SDXL family: two text encoders (64- and 96-wide), a 32-channel UNet."""
-    import comfy.sd
     import comfy.sdxl_clip
     import comfy.supported_models
-    import comfy.supported_models_base
-    import comfy.taesd.taesd
 
-    config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
-    model = config.get_model({})
-    _init_random(model.diffusion_model, seed)
-    patcher = _cpu_patcher(model)
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={"clip_l_model_config": {**TINY_CLIP_L, "num_hidden_layers": 3},
-                       "clip_g_model_config": dict(TINY_CLIP_G),
-                       "dtype": torch.float32, "load_device": torch.device("cpu"),
-                       "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")},
-    )
-    _init_random(clip.cond_stage_model, seed + 1)
-    _small_text_embeddings(clip.cond_stage_model.clip_l.transformer.text_model, seed + 3)
-    _small_text_embeddings(clip.cond_stage_model.clip_g.transformer.text_model, seed + 4)
-
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
-    _init_random(taesd, seed + 2)
-    vae = comfy.sd.VAE(sd=taesd.state_dict())
-    return patcher, clip, vae
+    return _in_memory(comfy.supported_models.SDXL, TINY_SDXL_UNET, comfy.sdxl_clip.SDXLTokenizer,
+                      comfy.sdxl_clip.SDXLClipModel,
+                      {"clip_l": {**TINY_CLIP_L, "num_hidden_layers": 3}, "clip_g": TINY_CLIP_G}, seed)
 
 
 def tiny_sd2_in_memory(seed: int = 0):
-    """(MODEL, CLIP, VAE) of the SD2.x family: a 64-wide CLIP-H-architecture encoder, a 32-channel UNet."""
-    import comfy.sd
+    """(MODEL, CLIP, VAE) of the SD2.x family: a 64-wide CLIP-H-architecture encoder, a 64-channel UNet."""
     import comfy.supported_models
-    import comfy.supported_models_base
-    import comfy.taesd.taesd
     import comfy.text_encoders.sd2_clip as sd2_clip
 
     # SD20 forces 64 channels per head, so the UNet is 64 channels wide (1 and 2 heads)
     unet = {**TINY_IN_MEMORY_UNET, "model_channels": 64, "use_linear_in_transformer": True}
-    config = comfy.supported_models.SD20(unet)
-    model = config.get_model({})
-    _init_random(model.diffusion_model, seed)
-    patcher = _cpu_patcher(model)
-    target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
-    clip = comfy.sd.CLIP(
-        target,
-        model_options={"model_name": "clip_h", "clip_h_model_config": {**TINY_CLIP_L, "num_hidden_layers": 3},
-                       "dtype": torch.float32, "load_device": torch.device("cpu"),
-                       "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")},
-    )
-    _init_random(clip.cond_stage_model, seed + 1)
-    _small_text_embeddings(clip.cond_stage_model.clip_h.transformer.text_model, seed + 3)
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
-    _init_random(taesd, seed + 2)
-    return patcher, clip, comfy.sd.VAE(sd=taesd.state_dict())
+    return _in_memory(comfy.supported_models.SD20, unet, sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel,
+                      {"clip_h": {**TINY_CLIP_L, "num_hidden_layers": 3}}, seed, {"model_name": "clip_h"})
