@@ -72,18 +72,31 @@ def _sd15_unet_config(unet: dict[str, Any], context_dim: int) -> dict[str, Any]:
     }
 
 
-def build_model_config(unet: dict[str, Any], context_dim: int):
-    """The ``SD15`` model config for the toy UNet; heads are ours, not SD1.5's 8 (too narrow here)."""
+def build_model_config(unet: dict[str, Any], context_dim: int, zsnr: bool = False):
+    """The ``SD15`` model config for the toy UNet; heads are ours, not SD1.5's 8 (too narrow here).
+
+    ``zsnr``: SD's schedule rescaled to zero terminal SNR (ComfyUI's own ``zsnr`` sampling setting, the
+    same schedule its ModelSamplingDiscrete node offers), so sampling starts from noise that carries
+    nothing of an image's layout.
+    """
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(_sd15_unet_config(unet, context_dim))
     config.unet_config["num_heads"] = unet["num_heads"]
+    if zsnr:
+        config.sampling_settings = {**config.sampling_settings, "zsnr": True}
     return config
 
 
-def build_unet(unet: dict[str, Any], context_dim: int):
-    """A ``comfy.model_base.BaseModel`` (EPS) with uninitialised weights."""
-    return build_model_config(unet, context_dim).get_model({})
+def build_unet(unet: dict[str, Any], context_dim: int, prediction: str = "eps", zsnr: bool = False):
+    """A ``comfy.model_base.BaseModel`` (ε- or v-prediction) with uninitialised weights."""
+    import comfy.model_base
+
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"unknown prediction type {prediction!r} (eps or v)")
+    config = build_model_config(unet, context_dim, zsnr)
+    kind = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
+    return comfy.model_base.BaseModel(config, model_type=kind)
 
 
 def clip_target(hidden_size: int):
@@ -181,7 +194,9 @@ def load_toyworld(path: str | Path, embedding_directory: str | None = None):
     text = json.loads(meta["toyworld.text_config"])
     unet = json.loads(meta["toyworld.unet_config"])
 
-    model = build_unet(unet, text["hidden_size"])
+    prediction = meta.get("toyworld.prediction", "eps")
+    zsnr = meta.get("toyworld.zsnr", "false") == "true"
+    model = build_unet(unet, text["hidden_size"], prediction, zsnr)
     missing, unexpected = model.diffusion_model.load_state_dict(
         {k: v.float() for k, v in _sub(sd, _PREFIX_UNET).items()}, strict=False
     )

@@ -27,6 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "assets" / "toyworld" / "toyworld_base.safetensors"
+OPT_FORMAT = "2"  # how AdamW moments are named in unet_ckpt.safetensors
 
 
 def setup_comfy(comfyui: str) -> None:
@@ -68,9 +69,9 @@ def load_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
     """Flattens AdamW state into named tensors (no pickles in checkpoints)."""
     out = {}
-    for i, (_, st) in enumerate(opt.state_dict()["state"].items()):
+    for pid, st in opt.state_dict()["state"].items():  # keyed by parameter index, not insertion order
         for k, v in st.items():
-            out[f"{prefix}{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            out[f"{prefix}{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     return out
 
 
@@ -282,6 +283,25 @@ class CaptionTokens:
         return self.cache[text]
 
 
+def pyramid_noise(noise: torch.Tensor, discount: float, g: torch.Generator) -> torch.Tensor:
+    """Adds noise at 1/2, 1/4, ... of the latent size (weights discount, discount², ...), unit variance kept.
+
+    With 8×8 latents, SD's schedule leaves an image's coarse layout readable in x_t even at the top timestep
+    (a 4×4 block average has 1/4 of the noise), so the model learns to place objects where the noise
+    happens to suggest instead of where the prompt says. Coarse noise hides that leak (the same reasoning
+    as offset noise for the mean colour); sampling still starts from plain Gaussian noise.
+    """
+    b, c, h, w = noise.shape
+    out, var, k, size = noise.clone(), 1.0, discount, h // 2
+    while size >= 1:
+        coarse = torch.randn(b, c, size, size, generator=g)
+        out += k * torch.nn.functional.interpolate(coarse, size=(h, w), mode="nearest")
+        var += k * k
+        k *= discount
+        size //= 2
+    return out / math.sqrt(var)
+
+
 def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     from dci_core.toyworld import model as tm
     from dci_core.toyworld.render import caption
@@ -315,15 +335,38 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             for k, p in named:
                 p.copy_(sd["w." + k])
                 ema[k].copy_(sd["ema." + k])
-        load_optimizer_tensors(opt, sd, "opt.")
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
+        if meta.get("opt_format") == OPT_FORMAT:
+            load_optimizer_tensors(opt, sd, "opt.")
+        elif start < args.unet_steps:
+            # Format 1 numbered moments by insertion order, which is not the parameter order.
+            raise SystemExit(f"{ckpt}: optimizer state of an older format; resume only at a phase boundary")
         log(f"UNet: resumed at step {start}")
 
     n_unet, n_text = tm.count_parameters(dm), tm.count_parameters(te)
-    log(f"UNet params {n_unet:,}, text params {n_text:,}; {args.unet_steps} steps, batch {args.batch}")
+    total = args.unet_steps + args.layout_steps
+    log(
+        f"UNet params {n_unet:,}, text params {n_text:,}; {args.unet_steps} + {args.layout_steps} layout "
+        f"steps, batch {args.batch}"
+    )
+    # Layout phase: ε-loss weighted by (1 + σ²) (the v-prediction loss, capped), which turns up the
+    # high-noise timesteps where an image's layout is decided; under the plain ε-loss their error is
+    # divided by σ² (~200 at the top of SD's schedule), too faint for the prompt to learn to place objects.
+    layout_weight = torch.clamp(1.0 + sigmas**2, max=args.layout_weight_cap)
+    layout_weight = layout_weight / layout_weight.mean()
+    # With --layout-prediction v the layout phase turns the model into a v-predictor; with --layout-zsnr on
+    # the zero-terminal-SNR schedule (ComfyUI's zsnr setting), where the top timestep is pure noise.
+    layout_sigmas = sigmas
+    if args.layout_zsnr:
+        from comfy.model_sampling import rescale_zero_terminal_snr_sigmas
+
+        layout_sigmas = rescale_zero_terminal_snr_sigmas(sigmas.clone()).float()
+    layout_alphas = 1.0 / (1.0 + layout_sigmas**2)
+    if args.layout_prediction == "v":
+        layout_weight = torch.ones_like(layout_weight)  # the v-loss already carries the (1 + σ²) weight
     t0, run, last_ckpt = time.time(), None, time.time()
     warmup = 200
-    for step in range(start, args.unet_steps):
+    for step in range(start, total):
         rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, len(specs), args.batch)
@@ -332,17 +375,32 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn(x0.shape, generator=g)
         noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+        if step >= args.unet_steps and args.layout_pyramid > 0:  # before x_t and the target are made
+            noise = pyramid_noise(noise, args.layout_pyramid, g)
         t = torch.randint(0, len(sigmas), (args.batch,), generator=g)
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        layout = step >= args.unet_steps
+        ab = (layout_alphas if layout else alphas_cumprod)[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        target = noise
+        if layout and args.layout_prediction == "v":
+            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
-        lr = args.lr * min(1.0, (step + 1) / warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+        if step == args.unet_steps:
+            opt.state.clear()  # the layout phase starts with fresh moments, resumed or not
+        if step < args.unet_steps:
+            lr = args.lr * min(1.0, (step + 1) / warmup)
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+            weight = torch.ones(args.batch)
+        else:  # layout phase: warm restart of the schedule, weighted loss
+            k = step - args.unet_steps
+            lr = args.layout_lr * min(1.0, (k + 1) / 50)
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / args.layout_steps))
+            weight = layout_weight[t]
         for grp in opt.param_groups:
             grp["lr"] = lr
         ctx = tm.text_hidden_states(te, te.get_input_embeddings()(ids))
         pred = dm(xt, t.float(), context=ctx)
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = (weight.view(-1, 1, 1, 1) * (pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -354,18 +412,18 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
 
         done = step + 1
-        if done % 25 == 0 or done == args.unet_steps:
+        if done % 25 == 0 or done == total:
             el = time.time() - t0
             per = el / (done - start)
             log(
-                f"UNet step {done}/{args.unet_steps} loss {run:.4f} lr {lr:.2e} {per:.3f}s/step "
-                f"eta {fmt_eta(per * (args.unet_steps - done))}"
+                f"UNet step {done}/{total} loss {run:.4f} lr {lr:.2e} {per:.3f}s/step "
+                f"eta {fmt_eta(per * (total - done))}"
             )
-        if time.time() - last_ckpt > args.ckpt_minutes * 60 or done == args.unet_steps:
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 or done == total:
             tensors = {"w." + k: p for k, p in named}
             tensors.update({"ema." + k: v for k, v in ema.items()})
             tensors.update(optimizer_tensors(opt, "opt."))
-            meta = {"step": str(done), "elapsed": str(elapsed_before + time.time() - t0)}
+            meta = {"step": str(done), "elapsed": str(elapsed_before + time.time() - t0), "opt_format": OPT_FORMAT}
             save_atomic(tensors, ckpt, meta)
             write_model(
                 dm,
@@ -413,6 +471,12 @@ def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, secon
             "lr": args.lr,
             "offset_noise": args.offset_noise,
             "caption_dropout": args.caption_dropout,
+            "layout_steps": args.layout_steps,
+            "layout_lr": args.layout_lr,
+            "layout_weight_cap": args.layout_weight_cap,
+            "layout_pyramid": args.layout_pyramid,
+            "prediction": args.layout_prediction if steps > args.unet_steps else "eps",
+            "zsnr": "true" if steps > args.unet_steps and args.layout_zsnr else "false",
         },
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,6 +497,16 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--layout-steps", type=int, default=0,
+                    help="extra steps with the (1 + σ²)-weighted loss after --unet-steps (0: skip)")
+    ap.add_argument("--layout-lr", type=float, default=4e-4)
+    ap.add_argument("--layout-weight-cap", type=float, default=1000.0, help="cap on 1 + σ² in the layout phase")
+    ap.add_argument("--layout-pyramid", type=float, default=0.0,
+                    help="discount of the coarse-noise pyramid added in the layout phase (0: none)")
+    ap.add_argument("--layout-prediction", choices=("eps", "v"), default="eps",
+                    help="what the model predicts after the layout phase (v: v-prediction)")
+    ap.add_argument("--layout-zsnr", action="store_true",
+                    help="layout phase on SD's schedule rescaled to zero terminal SNR (needs v)")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--offset-noise", type=float, default=0.1)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
@@ -440,6 +514,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
+    if args.layout_zsnr and args.layout_prediction != "v":
+        ap.error("--layout-zsnr needs --layout-prediction v (ε-prediction is undefined at zero SNR)")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     setup_comfy(args.comfyui)
@@ -451,7 +527,9 @@ def main() -> None:
     taesd, latents = train_vae(specs, images, args, args.work)
     refine_decoder(specs, images, latents, taesd, args, args.work)
     dm, clip, ema, named, seconds = train_unet(specs, latents, taesd, args, args.work)
-    write_model(dm, clip, taesd, ema, named, args, args.out, args.unet_steps, time.time() - t_start)
+    write_model(
+        dm, clip, taesd, ema, named, args, args.out, args.unet_steps + args.layout_steps, time.time() - t_start
+    )
     log(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {(time.time() - t_start) / 60:.1f} min"
     )
