@@ -7,7 +7,12 @@ Stages (each resumable from the work folder):
    ``vae_scale``/``vae_shift`` so that 0.18215 × latents have unit std, and cache all latents;
    optionally polish the decoder alone (``--decoder-steps``; the encoder and latents stay fixed);
 3. train UNet and text encoder jointly on the cached latents with SD1.5's ε schedule, offset noise,
-   caption dropout and an EMA of the weights; checkpoints are written atomically every few minutes.
+   caption dropout and an EMA of the weights; checkpoints are written atomically every few minutes;
+4. optionally (``--layout-steps``) go on with a warm-restarted schedule aimed at the high-noise steps
+   where layout is decided: a (1 + σ²)-weighted ε-loss, coarse noise (``--layout-pyramid``), or
+   v-prediction on the zero-terminal-SNR schedule (``--layout-prediction v --layout-zsnr``; the written
+   file then says so in its metadata and DCI Toy World Loader builds a v-prediction, zsnr model).
+   The shipped model does not use it: see the README for what it did and did not change.
 
 Usage: python scripts/toyworld/train_base.py [--comfyui PATH] [--unet-steps N] ...
 """
