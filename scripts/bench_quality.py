@@ -256,11 +256,25 @@ class Bench:
                   f"prompt_acc={s['prompt_acc']:.3f}")
 
     def write_grid(self, path: Path) -> None:
-        from PIL import Image
-
-        rows = [np.concatenate(v, axis=1) for v in self.grid.values()]
-        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        rows = {m: np.concatenate(v, axis=1) for m, v in self.grid.items()}
+        labelled_grid(rows).save(path, optimize=True)
         print(f"grid (one row per method, first seed of every prompt): {path}")
+
+
+def labelled_grid(rows: dict[str, np.ndarray], label_width: int = 150):
+    """Stacks image rows [H, W, 3] under each other with the method's name at the left; a PIL image."""
+    from PIL import Image, ImageDraw
+
+    height = sum(r.shape[0] for r in rows.values())
+    width = label_width + max(r.shape[1] for r in rows.values())
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for name, row in rows.items():
+        canvas.paste(Image.fromarray(row), (label_width, y))
+        draw.text((6, y + row.shape[0] // 2 - 6), name, fill="black")
+        y += row.shape[0]
+    return canvas
 
 
 def main() -> None:
