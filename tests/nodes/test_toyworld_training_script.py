@@ -66,6 +66,7 @@ def test_resumes_into_the_layout_phase(runs):
     assert meta["toyworld.prediction"] == "v" and meta["toyworld.zsnr"] == "true"
     assert metadata(root / "resumed" / "unet_ckpt.safetensors")["opt_format"] == "2"
     import comfy.model_sampling
+
     from dci_core.toyworld.model import load_toyworld
 
     model, _, _ = load_toyworld(root / "b.safetensors")
