@@ -288,6 +288,20 @@ class CaptionTokens:
         return self.cache[text]
 
 
+def unet_config(args) -> dict:
+    """The toy UNet's architecture: ``model.UNET_CONFIG`` with the ``--unet-config`` JSON overrides."""
+    from dci_core.toyworld import model as tm
+
+    cfg = dict(tm.UNET_CONFIG)
+    if args.unet_config:
+        extra = json.loads(args.unet_config)
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise SystemExit(f"--unet-config: unknown keys {unknown}; known: {sorted(cfg)}")
+        cfg.update(extra)
+    return cfg
+
+
 def pyramid_noise(noise: torch.Tensor, discount: float, g: torch.Generator) -> torch.Tensor:
     """Adds noise at 1/2, 1/4, ... of the latent size (weights discount, discount², ...), unit variance kept.
 
@@ -312,7 +326,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     from dci_core.toyworld.render import caption
 
     torch.manual_seed(args.seed + 2)
-    text_cfg, unet_cfg = dict(tm.TEXT_CONFIG), dict(tm.UNET_CONFIG)
+    text_cfg, unet_cfg = dict(tm.TEXT_CONFIG), unet_config(args)
     base = tm.build_unet(unet_cfg, text_cfg["hidden_size"])
     clip = tm.build_clip(text_cfg)
     dm = base.diffusion_model
@@ -336,6 +350,8 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     start, elapsed_before = 0, 0.0
     if ckpt.exists():
         sd, meta = load_st(ckpt)
+        if json.loads(meta.get("unet_config", "null") or "null") not in (None, unet_cfg):
+            raise SystemExit(f"{ckpt} was trained with UNet {meta['unet_config']}, not {json.dumps(unet_cfg)}")
         with torch.no_grad():
             for k, p in named:
                 p.copy_(sd["w." + k])
@@ -428,7 +444,8 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             tensors = {"w." + k: p for k, p in named}
             tensors.update({"ema." + k: v for k, v in ema.items()})
             tensors.update(optimizer_tensors(opt, "opt."))
-            meta = {"step": str(done), "elapsed": str(elapsed_before + time.time() - t0), "opt_format": OPT_FORMAT}
+            meta = {"step": str(done), "elapsed": str(elapsed_before + time.time() - t0), "opt_format": OPT_FORMAT,
+                    "unet_config": json.dumps(unet_cfg)}
             save_atomic(tensors, ckpt, meta)
             write_model(
                 dm,
@@ -463,7 +480,7 @@ def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, secon
                 p.copy_(backup[k])
     meta = tm.file_metadata(
         tm.TEXT_CONFIG,
-        tm.UNET_CONFIG,
+        unet_config(args),
         {
             "world_version": WORLD_VERSION,
             "steps": steps,
@@ -500,6 +517,10 @@ def main() -> None:
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only refinement (0: skip)")
     ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-config", default="",
+                    help='JSON overrides of the UNet architecture, e.g. \'{"channel_mult": [1, 2, 2], '
+                         '"num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], '
+                         '"transformer_depth_output": [1, 1, 1, 1, 1, 1]}\' (a 2×2 level)')
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--layout-steps", type=int, default=0,

@@ -92,3 +92,14 @@ def test_resumed_run_equals_straight_run(runs):
     # and training did something: the layout phase changed the weights
     first = load_file(str(root / "a.safetensors"))
     assert any(not (first[k] == a[k]).all() for k in a if k.startswith("model."))
+
+
+def test_resume_refuses_another_architecture(runs):
+    root, *_ = runs
+    cmd = [sys.executable, str(SCRIPT), "--work", str(root / "resumed"), "--out", str(root / "d.safetensors"), *SMALL,
+           "--unet-steps", "2", "--layout-steps", "4", "--unet-config", '{"model_channels": 32}']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "was trained with UNet" in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "d.safetensors").exists()
+    bad = subprocess.run([*cmd[:-1], '{"channels": 32}'], capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode != 0 and "unknown keys ['channels']" in bad.stderr, bad.stderr[-2000:]
