@@ -47,11 +47,8 @@ def worker(args) -> None:
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         write_tiny_sd15_checkpoint(ckpt)
-    ckpt_dir = Path(folder_paths.get_folder_paths("checkpoints")[0])
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / ckpt.name).symlink_to(ckpt)
     run = comfy_host.run_node
-    model, clip, _ = run("CheckpointLoaderSimple", ckpt_name=ckpt.name)[0]
+    model, clip, _ = run("CheckpointLoaderSimple", ckpt_name=comfy_host.add_model_file(ckpt))[0]
     save_concept(random_concept(model, clip), folder_paths.get_folder_paths("concepts")[0], "bench", overwrite=True)
     m, c, ref = run("DCILoadConcept", model=model, clip=clip, concept_name="bench.safetensors",
                     strength_model=1.0, strength_clip=1.0)[0]

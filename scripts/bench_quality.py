@@ -26,7 +26,6 @@ Usage: python scripts/bench_quality.py [--model FILE] [--concepts 3] [--prompts 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,12 +128,9 @@ class Bench:
     def model_name(self) -> str:
         if self.args.model is None:
             return "toyworld_base.safetensors"
-        import folder_paths
+        import comfy_host
 
-        folder = Path(folder_paths.get_folder_paths("checkpoints")[0]) / "toyworld"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.args.model, folder / "bench_model.safetensors")
-        return "toyworld/bench_model.safetensors"
+        return comfy_host.add_model_file(self.args.model, name="toyworld/bench_model.safetensors")
 
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0

@@ -99,12 +99,8 @@ def worker(args) -> None:
     from dci_core.concept_format import load_concept
 
     torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint)
-    ckpt_dir = Path(folder_paths.get_folder_paths("checkpoints")[0])
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / ckpt.name).symlink_to(ckpt)
     run = comfy_host.run_node
-    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=ckpt.name)[0]
+    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=comfy_host.add_model_file(Path(args.checkpoint)))[0]
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, args.res, args.res, 3, generator=g)
 

@@ -77,6 +77,22 @@ def node_class(node_id: str):
     return nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
+def add_model_file(path: Path, folder: str = "checkpoints", name: str | None = None) -> str:
+    """Links a model file into this run's ComfyUI models folder; returns the name its loaders list it under.
+
+    ``name`` may contain a sub-folder ("toyworld/bench.safetensors"); default: the file's own name.
+    """
+    import folder_paths
+
+    rel = Path(name or Path(path).name)
+    dst = Path(folder_paths.get_folder_paths(folder)[0]) / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    dst.symlink_to(Path(path).resolve())
+    return rel.as_posix()
+
+
 def run_node(node_id: str, **inputs):
     """Execute one node as ComfyUI's executor does; returns (outputs tuple, ui dict)."""
     import execution
