@@ -373,18 +373,20 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     # Layout phase: ε-loss weighted by (1 + σ²) (the v-prediction loss, capped), which turns up the
     # high-noise timesteps where an image's layout is decided; under the plain ε-loss their error is
     # divided by σ² (~200 at the top of SD's schedule), too faint for the prompt to learn to place objects.
-    layout_weight = torch.clamp(1.0 + sigmas**2, max=args.layout_weight_cap)
-    layout_weight = layout_weight / layout_weight.mean()
-    # With --layout-prediction v the layout phase turns the model into a v-predictor; with --layout-zsnr on
-    # the zero-terminal-SNR schedule (ComfyUI's zsnr setting), where the top timestep is pure noise.
+    # With --layout-prediction v the v-loss itself carries that weight, so the ε-weights stay at 1.
+    if args.layout_prediction == "v":
+        layout_weight = torch.ones_like(sigmas)
+    else:
+        layout_weight = torch.clamp(1.0 + sigmas**2, max=args.layout_weight_cap)
+        layout_weight = layout_weight / layout_weight.mean()
+    # With --layout-zsnr the layout phase runs on the zero-terminal-SNR schedule (ComfyUI's zsnr setting),
+    # where the top timestep is pure noise.
     layout_sigmas = sigmas
     if args.layout_zsnr:
         from comfy.model_sampling import rescale_zero_terminal_snr_sigmas
 
         layout_sigmas = rescale_zero_terminal_snr_sigmas(sigmas.clone()).float()
     layout_alphas = 1.0 / (1.0 + layout_sigmas**2)
-    if args.layout_prediction == "v":
-        layout_weight = torch.ones_like(layout_weight)  # the v-loss already carries the (1 + σ²) weight
     t0, run, last_ckpt = time.time(), None, time.time()
     warmup = 200
     for step in range(start, total):
@@ -396,10 +398,10 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn(x0.shape, generator=g)
         noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
-        if step >= args.unet_steps and args.layout_pyramid > 0:  # before x_t and the target are made
+        layout = step >= args.unet_steps
+        if layout and args.layout_pyramid > 0:  # before x_t and the target are made
             noise = pyramid_noise(noise, args.layout_pyramid, g)
         t = torch.randint(0, len(sigmas), (args.batch,), generator=g)
-        layout = step >= args.unet_steps
         ab = (layout_alphas if layout else alphas_cumprod)[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         target = noise
@@ -408,7 +410,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
 
         if step == args.unet_steps:
             opt.state.clear()  # the layout phase starts with fresh moments, resumed or not
-        if step < args.unet_steps:
+        if not layout:
             lr = args.lr * min(1.0, (step + 1) / warmup)
             lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
             weight = torch.ones(args.batch)
