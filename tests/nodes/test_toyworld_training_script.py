@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "toyworld" / "train_base.py"
-SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--batch", "4", "--ckpt-minutes", "60"]
+SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4",
+         "--ckpt-minutes", "60"]
 
 
 def train(work: Path, out: Path, *extra: str) -> str:
@@ -49,6 +50,8 @@ def test_writes_a_loadable_model_with_its_recipe(runs):
     assert meta["toyworld.steps"] == "2" and meta["toyworld.layout_steps"] == "0"
     assert meta["toyworld.prediction"] == "eps" and meta["toyworld.zsnr"] == "false"
     assert "wrote" in first
+    assert "text step 3/3" in first
+    assert meta["toyworld.text_steps"] == "3" and meta["toyworld.text_aux"] == "0.1"
     from dci_core.toyworld.model import load_toyworld
 
     model, clip, vae = load_toyworld(out)
@@ -61,6 +64,7 @@ def test_resumes_into_the_layout_phase(runs):
     root, _, resumed, _ = runs
     assert "UNet: resumed at step 2" in resumed
     assert "VAE: resumed" in resumed and "decoder: resumed" in resumed
+    assert "text encoder: resumed" in resumed
     meta = metadata(root / "b.safetensors")
     assert meta["toyworld.steps"] == "4" and meta["toyworld.layout_steps"] == "2"
     assert meta["toyworld.prediction"] == "v" and meta["toyworld.zsnr"] == "true"
@@ -103,3 +107,43 @@ def test_resume_refuses_another_architecture(runs):
     assert not (root / "d.safetensors").exists()
     bad = subprocess.run([*cmd[:-1], '{"channels": 32}'], capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode != 0 and "unknown keys ['channels']" in bad.stderr, bad.stderr[-2000:]
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_base", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_caption_labels_name_every_attribute_or_none(comfy):
+    tb = load_script()
+    names = list(tb.attribute_classes())
+    labels = dict(zip(names, tb.caption_labels("a small red ring with yellow stripes at the left on a blue grid background"),
+                      strict=True))
+    classes = tb.attribute_classes()
+    assert classes["position"][labels["position"] - 1] == "left"
+    assert classes["shape"][labels["shape"] - 1] == "ring"
+    assert classes["colour"][labels["colour"] - 1] == "red"
+    assert classes["pattern_colour"][labels["pattern_colour"] - 1] == "yellow"
+    assert classes["background"][labels["background"] - 1] == "blue"
+    assert classes["texture"][labels["texture"] - 1] == "grid"
+    assert labels["emblem"] == 0
+    assert tb.caption_labels("") == [0] * len(names)
+    assert tb.caption_labels("a circle")[names.index("position")] == 0
+
+
+def test_attribute_heads_read_only_end_of_text_and_padding(comfy):
+    import torch
+
+    tb = load_script()
+    heads = tb.AttributeHeads(8)
+    ids = torch.tensor([[49406, 320, 49407, 49407], [49406, 320, 736, 49407]])
+    labels = torch.zeros(2, len(heads.sizes), dtype=torch.long)
+    ctx = torch.randn(2, 4, 8, requires_grad=True)
+    heads.loss(ctx, ids, labels).backward()
+    grad = ctx.grad.abs().sum(dim=-1)
+    assert (grad[0, :2] == 0).all() and (grad[0, 2:] > 0).all()
+    assert (grad[1, :3] == 0).all() and (grad[1, 3] > 0).all()
