@@ -637,6 +637,7 @@ def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, secon
             "images": args.images,
             "vae_steps": args.vae_steps,
             "decoder_steps": args.decoder_steps,
+            "vae_from": args.vae_from.name if args.vae_from else "",
             "lr": args.lr,
             "offset_noise": args.offset_noise,
             "caption_dropout": args.caption_dropout,
