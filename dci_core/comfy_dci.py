@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 WRAPPER_KEY = "dci"
 STEP_KEY = "dci_step"  # transformer_options entry the guider sets for a two-branch model call
 ROWS_KEY = "dci_rows"  # transformer_options entry the wrapper sets for the attn2 patches
+AUX_ROWS_KEY = "dci_aux_rows"  # every auxiliary-branch row of a call (conditional, and unconditional if run)
+CTX_KEY = "dci_context"  # where the context stash leaves each block's attn2 context for the replace patch
 GUIDANCE_MODES = ("shared", "separate")
 COND_KEY = "dci"  # the conditioning-dict entry DCI Prompt Encode adds
 
@@ -113,6 +115,8 @@ class DCIState:
     masks: dict[int, tuple] = field(default_factory=dict)  # context length → tiled masks
     warned: set = field(default_factory=set)
     blend_override: float | None = None  # tests only: force w_c
+    # Optional: per layer (patch key), the attn2 K/V weights the auxiliary branch uses instead of the model's
+    aux_kv: dict | None = None
 
     def masks_for(self, length: int):
         if length not in self.masks:
@@ -142,6 +146,14 @@ class DBIMPatch:
         from comfy.ldm.modules.attention import optimized_attention
 
         heads = extra_options["n_heads"]
+        aux_rows, stashed = extra_options.get(AUX_ROWS_KEY), extra_options.get(CTX_KEY)
+        if self.state.aux_kv is not None and aux_rows is not None and stashed is not None:
+            # the auxiliary branch's keys and values from the other model's weights (its own context rows)
+            wk, wv = self.state.aux_kv[self.layer.patch_key]
+            context, value = stashed
+            k, v = k.clone(), v.clone()
+            k[aux_rows] = torch.nn.functional.linear(context[aux_rows], wk.to(k))
+            v[aux_rows] = torch.nn.functional.linear(value[aux_rows], wv.to(v))
         if self.inner is not None:
             out = self.inner(q, k, v, extra_options)
         else:
@@ -214,6 +226,8 @@ def make_apply_model_wrapper(state: DCIState):
         options = dict(transformer_options)
         if c_rows is not None:
             options[ROWS_KEY] = (kept_index[c_rows], kept_index[a_rows])
+            aux = a_rows if drop or ua_rows is None else torch.cat([a_rows, ua_rows])
+            options[AUX_ROWS_KEY] = kept_index[aux]
         if drop:
             options["cond_or_uncond"] = list(options.get("cond_or_uncond", []))
             out_small = executor(x[keep], t[keep], _select_rows(c_concat, keep, total),
@@ -232,11 +246,49 @@ def make_apply_model_wrapper(state: DCIState):
     return wrapper
 
 
+def _stash_context(n, context, value, extra_options):
+    """attn2_patch: leaves the block's cross-attention context where the replace patch finds it (two-branch
+    calls only, and only when the auxiliary branch has K/V weights of its own)."""
+    if AUX_ROWS_KEY in extra_options:
+        extra_options[CTX_KEY] = (context, value)
+    return n, context, value
+
+
+def aux_kv_weights(aux_model, model) -> dict:
+    """Per cross-attention layer of ``model``: ``aux_model``'s effective attn2 to_k/to_v weights (its own
+    patches applied, e.g. the MODEL before DCI Load Concept: the base model's K/V)."""
+    import comfy.lora
+
+    layers = comfy_model.cross_attention_layers(model)
+    entries = aux_model.get_key_patches("diffusion_model.")
+    out = {}
+    for layer in layers:
+        pair = []
+        for name in ("to_k", "to_v"):
+            key = layer.weight_prefix + name + ".weight"
+            found = entries.get(key)
+            if found is None:
+                raise DCIError(f"aux_model has no cross-attention layer {layer.name} ({key}); connect a MODEL of "
+                               "the same architecture, e.g. the checkpoint before DCI Load Concept")
+            weight, convert = found[0]
+            w = convert(weight).float().clone()
+            if len(found) > 1:
+                w = comfy.lora.calculate_weight(found[1:], w, key)
+            if tuple(w.shape) != (layer.inner_dim, layer.context_dim):
+                raise DCIError(f"aux_model's {key} is {tuple(w.shape)}, the model's is "
+                               f"{(layer.inner_dim, layer.context_dim)}: not the same architecture")
+            pair.append(w)
+        out[layer.patch_key] = tuple(pair)
+    return out
+
+
 def patch_model(model_patcher, state: DCIState):
     """A clone of MODEL with the DBIM patch on every cross-attention layer and the row wrapper."""
     import comfy.patcher_extension
 
     m = model_patcher.clone()
+    if state.aux_kv is not None:
+        m.set_model_attn2_patch(_stash_context)
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for layer in comfy_model.cross_attention_layers(m):
         inner = existing.get(layer.patch_key) or existing.get(layer.block)
@@ -276,8 +328,10 @@ def make_guider_class():
     class DCIGuider(comfy.samplers.CFGGuider):
         """CFGGuider that runs the auxiliary branch beside the concept branch during the early steps."""
 
-        def __init__(self, model_patcher, plan: DCIPlan, settings: DBIMSettings, blend_override=None):
+        def __init__(self, model_patcher, plan: DCIPlan, settings: DBIMSettings, blend_override=None,
+                     aux_kv=None):
             super().__init__(model_patcher)
+            self.aux_kv = aux_kv
             self.plan = plan
             self.settings = settings
             self.blend_override = blend_override
@@ -297,7 +351,7 @@ def make_guider_class():
             b = noise.shape[0]
             self.threshold = split_sigma(sigmas, self.plan.split)
             mixed, data, length = mixed_positive(self.positive_raw, b)
-            state = DCIState(self.settings, data, length, blend_override=self.blend_override)
+            state = DCIState(self.settings, data, length, blend_override=self.blend_override, aux_kv=self.aux_kv)
             # patched anew for every run; the patches are inert outside the two-branch phase
             self.model_patcher = patch_model(self.base_patcher, state)
             self.model_options = self.model_patcher.model_options
@@ -359,10 +413,15 @@ def guider_class():
 
 
 def build_guider(model_patcher, positive, negative, cfg: float, plan: DCIPlan, settings: DBIMSettings,
-                 blend_override: float | None = None):
-    """A DCI guider on a clone of ``model_patcher`` (the input MODEL is never patched)."""
+                 blend_override: float | None = None, aux_model=None):
+    """A DCI guider on a clone of ``model_patcher`` (the input MODEL is never patched).
+
+    ``aux_model``: optional MODEL whose cross-attention K/V the auxiliary branch uses (a variant of the method:
+    the auxiliary branch on the base model); every other weight is the model's own.
+    """
     dci_prompt_of(positive)
-    guider = guider_class()(model_patcher.clone(), plan, settings, blend_override)
+    aux_kv = aux_kv_weights(aux_model, model_patcher) if aux_model is not None else None
+    guider = guider_class()(model_patcher.clone(), plan, settings, blend_override, aux_kv)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider

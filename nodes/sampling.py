@@ -48,6 +48,10 @@ def _advanced_options():
                                                                  "depends on the layer's resolution); "
                                                                  "'pixel_count': the same mean weight at every "
                                                                  "resolution."}),
+        "aux_model": ("MODEL", {"tooltip": "Optional: the auxiliary branch takes its cross-attention keys and "
+                                           "values from this MODEL, e.g. the checkpoint before DCI Load Concept "
+                                           "(a variant of the method; unconnected = the concept model, as in "
+                                           "the reference code). Same architecture required."}),
     }
 
 
@@ -61,9 +65,9 @@ def _settings(node: str, split, lam, aux_map, guidance, aux_seed, tau, kappa, no
     return plan, settings
 
 
-def _check_model(node: str, model) -> None:
+def _check_model(node: str, model, name: str = "model") -> None:
     if not hasattr(model, "model") or not hasattr(getattr(model, "model", None), "diffusion_model"):
-        raise ValueError(f"{node}: 'model' must be a MODEL output (e.g. from Load Checkpoint)")
+        raise ValueError(f"{node}: '{name}' must be a MODEL output (e.g. from Load Checkpoint)")
 
 
 class DCIPromptEncode:
@@ -154,14 +158,17 @@ class DCIKSampler:
         }
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-               split, lam, aux_map, guidance, aux_seed, tau=10.0, kappa=500.0, normalization="reference"):
+               split, lam, aux_map, guidance, aux_seed, tau=10.0, kappa=500.0, normalization="reference",
+               aux_model=None):
         node = "DCI KSampler"
         _check_model(node, model)
         plan, settings = _settings(node, split, lam, aux_map, guidance, aux_seed, tau, kappa, normalization)
         if not isinstance(latent_image, dict) or "samples" not in latent_image:
             raise ValueError(f"{node}: 'latent_image' must be a LATENT")
         try:
-            guider = comfy_dci.build_guider(model, positive, negative, cfg, plan, settings)
+            if aux_model is not None:
+                _check_model(node, aux_model, "aux_model")
+            guider = comfy_dci.build_guider(model, positive, negative, cfg, plan, settings, aux_model=aux_model)
         except comfy_dci.DCIError as e:
             raise ValueError(f"{node}: {e}") from None
         guider.batch_index = latent_image.get("batch_index")
@@ -201,12 +208,14 @@ class DCIGuiderNode:
         }
 
     def get_guider(self, model, positive, negative, cfg, split, lam, aux_map, guidance, aux_seed, tau=10.0,
-                   kappa=500.0, normalization="reference"):
+                   kappa=500.0, normalization="reference", aux_model=None):
         node = "DCI Guider"
         _check_model(node, model)
+        if aux_model is not None:
+            _check_model(node, aux_model, "aux_model")
         plan, settings = _settings(node, split, lam, aux_map, guidance, aux_seed, tau, kappa, normalization)
         try:
-            return (comfy_dci.build_guider(model, positive, negative, cfg, plan, settings),)
+            return (comfy_dci.build_guider(model, positive, negative, cfg, plan, settings, aux_model=aux_model),)
         except comfy_dci.DCIError as e:
             raise ValueError(f"{node}: {e}") from None
 

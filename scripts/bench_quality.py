@@ -20,7 +20,8 @@ Prints a table (mean ± standard error over images, and the per-concept fidelity
 method: method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1>
 
 Usage: python scripts/bench_quality.py [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px] [--threads 1] [--grid out.png]
+       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px,0.3:1:base] [--threads 1]
+       [--grid out.png]
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=300, help="training steps per concept and method")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
     p.add_argument("--dci", default=DEFAULT_DCI,
-                   help="DCI settings to sweep, 'split:λ[:ref|px]' comma list (px: pixel_count normalisation; empty: no DCI). λ 0 at the reference κ "
+                   help="DCI settings to sweep, 'split:λ[:ref|px][:base]' comma list (px: pixel_count normalisation; base: the "
+                        "auxiliary branch on the base model's K/V; empty: no DCI). λ 0 at the reference κ "
                         "is one run only: at the toy model's 8×8 and 4×4 attention maps it blends almost nothing")
     p.add_argument("--methods", default="base,cd,ico", help="comma list of base, cd, ico")
     p.add_argument("--threads", type=int, default=1,
@@ -73,18 +75,22 @@ def parse_args(argv=None):
 NORM_SHORT = {"ref": "reference", "px": "pixel_count"}
 
 
-def dci_sweep(text: str) -> list[tuple[float, float, str]]:
-    """``"0.2:1,0.3:0:px"`` → [(0.2, 1.0, "reference"), (0.3, 0.0, "pixel_count")]."""
+def dci_sweep(text: str) -> list[tuple[float, float, str, bool]]:
+    """``"0.2:1,0.3:0:px,0.3:1:base"`` → [(0.2, 1.0, "reference", False), (0.3, 0.0, "pixel_count", False),
+    (0.3, 1.0, "reference", True)]; ``base``: the auxiliary branch on the base model's K/V (``aux_model``)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         split, _, rest = item.partition(":")
-        lam, _, norm = rest.partition(":")
+        lam, *flags = rest.split(":")
+        if any(f not in (*NORM_SHORT, "base") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
+            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+        norm = next((NORM_SHORT[f] for f in flags if f in NORM_SHORT), "reference")
         try:
-            out.append((float(split), float(lam or 0.0), NORM_SHORT[norm or "ref"]))
-        except (ValueError, KeyError):
-            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px]' (e.g. 0.3:1 or 0.3:0:px)")
+            out.append((float(split), float(lam or 0.0), norm, "base" in flags))
+        except ValueError:
+            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
         if not 0.0 <= out[-1][0] <= 1.0:
             sys.exit(f"--dci: split {split} must be between 0 and 1")
     return out
@@ -135,7 +141,7 @@ class Bench:
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def sample(self, model, positive, seed: int, dci: tuple[float, float, str] | None) -> np.ndarray:
+    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool] | None) -> np.ndarray:
         """One batch of ``--seeds`` images; uint8 [B, 64, 64, 3]."""
         a = self.args
         (latent,) = self.run("EmptyLatentImage", width=64, height=64, batch_size=a.seeds)[0]
@@ -144,8 +150,9 @@ class Bench:
         if dci is None:
             (out,) = self.run("KSampler", **common)[0]
         else:
+            extra = {"aux_model": self.model} if dci[3] else {}
             (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map="reference",
-                              guidance="separate", aux_seed=seed + 7919, normalization=dci[2])[0]
+                              guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
         (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
@@ -213,10 +220,10 @@ class Bench:
                     t0 = time.perf_counter()
                     (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
                                        auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
-                    for split, lam, norm in sweep:
-                        tag = "" if norm == "reference" else "_px"
+                    for split, lam, norm, on_base in sweep:
+                        tag = ("" if norm == "reference" else "_px") + ("_base" if on_base else "")
                         self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
-                                   self.sample(model, dpos, 1000 + i, (split, lam, norm)))
+                                   self.sample(model, dpos, 1000 + i, (split, lam, norm, on_base)))
                     self._tick("sample dci", t0)
             print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
                   flush=True)

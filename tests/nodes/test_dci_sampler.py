@@ -247,3 +247,42 @@ def test_a_call_without_whole_branch_pairs_falls_back_and_warns_once(comfy, capl
             assert torch.equal(out, x * 2)
     assert all(comfy_dci.ROWS_KEY not in o for o in seen)
     assert caplog.text.count("did not contain whole branch pairs") == 1
+
+
+def test_aux_model_gives_the_auxiliary_branch_that_models_keys_and_values(comfy, tiny_sd15):
+    """aux_model: the auxiliary rows' K/V come from another MODEL (here the base model before the concept):
+    its weights are read with its own patches applied, the concept model itself reproduces the default run,
+    the base model changes the result, and neither input model is left patched."""
+    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
+    comfy_concept = comfy.pack_module("dci_core.comfy_concept")
+    base = tiny_sd15[0]
+    m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
+    own = comfy_concept.base_kv_weights(base)
+    layers = {layer.patch_key: layer for layer in comfy.pack_module("dci_core.comfy_model").cross_attention_layers(m)}
+    from_base = comfy_dci.aux_kv_weights(base, m)
+    from_concept = comfy_dci.aux_kv_weights(m, m)
+    assert from_base.keys() == layers.keys()
+    for key, (wk, wv) in from_base.items():
+        prefix = layers[key].weight_prefix
+        assert torch.equal(wk, own[prefix + "to_k.weight"].float()) and torch.equal(wv, own[prefix + "to_v.weight"].float())
+        assert not torch.equal(from_concept[key][0], wk)  # the concept's delta is applied for the concept model
+
+    args = ksampler_args(m, pos, neg, lat)
+    before_concept, before_base = stock(comfy, args), stock(comfy, {**args, "model": base})
+    for guidance in ("shared", "separate"):
+        default = dci(comfy, args, split=0.5, lam=1.0, guidance=guidance)
+        same = dci(comfy, args, split=0.5, lam=1.0, guidance=guidance, aux_model=m)
+        on_base = dci(comfy, args, split=0.5, lam=1.0, guidance=guidance, aux_model=base)
+        torch.testing.assert_close(same, default, rtol=1e-4, atol=1e-4 * float(default.abs().max()))
+        assert torch.isfinite(on_base).all()
+        assert (on_base - default).abs().max() > 1e-3 * float(default.abs().max())
+    assert torch.equal(stock(comfy, args), before_concept)
+    assert torch.equal(stock(comfy, {**args, "model": base}), before_base)
+
+
+def test_aux_model_of_another_architecture_is_refused(comfy, tiny_sd15, tiny_sdxl):
+    m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
+    with pytest.raises(ValueError, match="DCI KSampler: aux_model"):
+        dci(comfy, ksampler_args(m, pos, neg, lat), split=0.5, lam=1.0, aux_model=tiny_sdxl[0])
+    with pytest.raises(ValueError, match="'aux_model' must be a MODEL"):
+        dci(comfy, ksampler_args(m, pos, neg, lat), split=0.5, lam=1.0, aux_model="not a model")
