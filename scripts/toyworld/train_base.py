@@ -396,7 +396,7 @@ def pretrain_text(specs, te, heads: AttributeHeads, tokens: CaptionTokens, args,
     path = work / "text.safetensors"
     if path.exists():
         sd, _ = load_st(path)
-        te.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")}, strict=False)
+        te.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
         heads.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("heads.")})
         log(f"text encoder: resumed from {path}")
         return
