@@ -148,6 +148,11 @@ def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     return (w * (err**2 + 0.1 * err.abs())).sum() / (w.sum() * 3)
 
 
+def encode_raw(taesd, data: torch.Tensor) -> torch.Tensor:
+    """The encoder's own output for uint8 images [N,3,64,64], in chunks of 64."""
+    return torch.cat([taesd.taesd_encoder(data[i : i + 64].float() / 255.0) for i in range(0, len(data), 64)])
+
+
 def train_vae(specs, images: np.ndarray, args, work: Path):
     """TAESD trained with L2 on crops, then scale/shift fitted; returns (taesd, latents [N,4,8,8])."""
     from dci_core.toyworld import model as tm
@@ -203,9 +208,7 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
 
     taesd.eval()
     with torch.no_grad():
-        raw = torch.cat(
-            [taesd.taesd_encoder(data[i : i + 64].float() / 255.0) for i in range(0, len(data), 64)]
-        )
+        raw = encode_raw(taesd, data)
         std, mean = raw.std().item(), raw.mean().item()
         scale = tm.LATENT_SCALE * std
         taesd.vae_scale.fill_(scale)
@@ -239,9 +242,7 @@ def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path):
     taesd.eval()
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
-        raw = torch.cat(
-            [taesd.taesd_encoder(data[i : i + 64].float() / 255.0) for i in range(0, len(data), 64)]
-        )
+        raw = encode_raw(taesd, data)
         latents = tm.LATENT_SCALE * (raw / taesd.vae_scale + taesd.vae_shift)
     log(f"VAE: taken from {source}; UNet-latent std {latents.std().item():.3f}")
     save_atomic({**taesd.state_dict(), "_latents": latents}, work / "vae.safetensors", {"from": str(source)})

@@ -147,3 +147,19 @@ def test_attribute_heads_read_only_end_of_text_and_padding(comfy):
     grad = ctx.grad.abs().sum(dim=-1)
     assert (grad[0, :2] == 0).all() and (grad[0, 2:] > 0).all()
     assert (grad[1, :3] == 0).all() and (grad[1, 3] > 0).all()
+
+
+def test_vae_from_takes_another_files_vae(runs):
+    root, *_ = runs
+    source = root / "a.safetensors"
+    out = root / "e.safetensors"
+    log = train(root / "vae_from", out, "--unet-steps", "1", "--vae-from", str(source))
+    assert f"VAE: taken from {source}" in log and "VAE step" not in log
+    a, e = load_file(str(source)), load_file(str(out))
+    vae_keys = [k for k in a if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch_equal(a[k], e[k]) for k in vae_keys)
+    assert metadata(out)["toyworld.vae_from"] == "a.safetensors"
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
