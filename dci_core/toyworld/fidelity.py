@@ -4,13 +4,14 @@ Fidelity: does the object in the image look like *that* concept instance, wherev
 The object is found as in ``metrics.object_mask`` (pixels far from the background colour), every pixel is
 snapped to the nearest palette colour, and the object is described by four size- and place-free parts:
 
-- **colours**: the share of each palette colour on the object (a concept is three colours in fixed shares);
+- **colours**: the share of each palette colour on the object (a concept is three colours in fixed shares;
+  only pixels close to a palette colour count, so blends at edges don't invent colours);
 - **layout**: the joint distribution of (3×3 cell of the object's bounding box, colour), i.e. where on the
-  object each colour sits: the emblem in the middle cell, the dark half of the medal on the right, the body
-  colour around them. It also carries the silhouette (which cells the object fills);
-- **texture**: how often the colour changes between horizontally and between vertically adjacent object
-  pixels. Patterns keep a fixed 8-pixel period at every object size, so these rates tell vertical stripes
-  (horizontal changes only), dots and checker (both) and halves (almost none) apart at any size;
+  object each colour sits: the emblem at the upper right, the band across the middle, the body colour
+  around them. It also carries the silhouette (which cells the object fills);
+- **texture**: how often the colour differs between object pixels two apart horizontally and two apart
+  vertically. Patterns keep a fixed period at every object size, so these rates tell vertical stripes
+  (horizontal changes only) from horizontal ones, dots (both) and a band (almost none) apart at any size;
 - **shape**: intersection over union of the object's mask and the reference's, both resampled to the same
   square from their bounding boxes.
 
@@ -20,12 +21,13 @@ on a background outside its colours): histogram intersection for colours and lay
 0.3, texture 0.2, shape 0.2), taken at the better-matching reference size; 0 when no object is found. It is
 1 for a clean render of the instance at the reference size, and it ranks renders of the instance at the
 evaluation prompts' positions, sizes and backgrounds above the other concepts, the plain class object
-(same shape, one colour) and the concept with only one of its two decorations
-(``tests/unit/test_toyworld_fidelity.py`` measures the pairwise accuracy).
+(same shape, one colour), the concept with only one of its two decorations, and its *named twins*: objects
+with every named part of the concept but other unnamed ones (stripe angle, emblem placement or scale),
+which is all that words can ask for (``tests/unit/test_toyworld_fidelity.py`` measures the pairwise
+accuracy).
 
 Editability: prompt accuracy on what a concept prompt asks *beyond* the concept, i.e. the attributes the
-concept doesn't fix: background colour, position and, when the prompt names it, size ("a small sks
-circle ..."). The concept's colours and decorations are excluded: they are fidelity. ``prompt_scores`` adds
+concept doesn't fix: background colour, position and size ("a small sks circle at the left ..."). The concept's colours and decorations are excluded: they are fidelity. ``prompt_scores`` adds
 them back (the object's dominant colour is the concept's body colour, and each of its other colours is
 present) for an overall prompt accuracy.
 """
@@ -37,13 +39,22 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .concepts import Concept, concept_colours
-from .metrics import as_uint8, nearest_colour_ids, object_mask, read_scene, score_reading
-from .render import COLOURS, SIZE_RADIUS, SceneSpec, parse_caption, render_scene, shape_mask
+from .concepts import ToyConcept, concept_colours
+from .metrics import (
+    MIN_AREA,
+    as_uint8,
+    nearest_colour_ids,
+    object_mask,
+    read_scene,
+    read_size,
+    score_reading,
+    strict_colour_ids,
+)
+from .render import COLOURS, IMAGE_SIZE, SIZE_RADIUS, SceneSpec, parse_caption, render_scene
 
 GRID = 3  # layout cells per side of the object's bounding box
 CANON = 24  # side of the square the object is resampled to for layout and shape
-MIN_AREA = 12  # object pixels below which no object is read
+TEXTURE_STEP = 2  # pixels between the two ends of a texture pair: a one-pixel blend at an edge still counts
 WEIGHTS = {"colours": 0.3, "layout": 0.3, "texture": 0.2, "shape": 0.2}
 TEXTURE_SCALE = 0.5  # a difference of change rates (|Δh| + |Δv|) that counts as completely different
 
@@ -64,11 +75,14 @@ def object_look(image: np.ndarray) -> ObjectLook | None:
     img = as_uint8(image)
     mask = object_mask(img)
     area = int(mask.sum())
-    if area < MIN_AREA:
+    if area * (IMAGE_SIZE / img.shape[0]) ** 2 < MIN_AREA:
         return None
     n = len(COLOURS)
     ids = nearest_colour_ids(img.reshape(-1, 3)).reshape(mask.shape)
-    colours = np.bincount(ids[mask], minlength=n).astype(np.float64) / area
+    strict = strict_colour_ids(img[mask])
+    colours = np.bincount(strict[strict >= 0], minlength=n).astype(np.float64) / area
+    strict_all = np.full(mask.shape, -1)
+    strict_all[mask] = strict
 
     # Bounding box from robust extremes, so a few stray pixels don't stretch it.
     ys, xs = np.nonzero(mask)
@@ -86,9 +100,9 @@ def object_look(image: np.ndarray) -> ObjectLook | None:
     layout /= max(layout.sum(), 1.0)
 
     rates = []
-    for a, b, ma, mb in ((ids[:, :-1], ids[:, 1:], mask[:, :-1], mask[:, 1:]),
-                         (ids[:-1, :], ids[1:, :], mask[:-1, :], mask[1:, :])):
-        both = ma & mb
+    k = TEXTURE_STEP
+    for a, b in ((strict_all[:, :-k], strict_all[:, k:]), (strict_all[:-k, :], strict_all[k:, :])):
+        both = (a >= 0) & (b >= 0)
         rates.append(float((a[both] != b[both]).mean()) if both.any() else 0.0)
     return ObjectLook(colours, layout, np.array(rates), shape, area)
 
@@ -104,7 +118,7 @@ def compare_looks(look: ObjectLook, ref: ObjectLook) -> dict[str, float]:
     }
 
 
-def _neutral_background(concept: Concept) -> str:
+def _neutral_background(concept: ToyConcept) -> str:
     taken = set(concept_colours(concept))
     return next(c for c in ("white", "black", *COLOURS) if c not in taken)
 
@@ -112,7 +126,7 @@ def _neutral_background(concept: Concept) -> str:
 class FidelityMeter:
     """Scores images against one concept; the reference looks are rendered once."""
 
-    def __init__(self, concept: Concept) -> None:
+    def __init__(self, concept: ToyConcept) -> None:
         self.concept = concept
         bg = _neutral_background(concept)
         self.references = [
@@ -138,7 +152,7 @@ class FidelityMeter:
         return self.parts(image)["fidelity"]
 
 
-def fidelity(image: np.ndarray, concept: Concept) -> float:
+def fidelity(image: np.ndarray, concept: ToyConcept) -> float:
     """Fidelity of one image to a concept, 0..1 (for many images, reuse a ``FidelityMeter``)."""
     return FidelityMeter(concept)(image)
 
@@ -146,12 +160,6 @@ def fidelity(image: np.ndarray, concept: Concept) -> float:
 # ------------------------------------------------------------------------------------------ editability
 
 _SIZE_RE = re.compile(r"\b(small|large)\b")
-
-
-def read_size(area: int, shape: str) -> str:
-    """"small" or "large": the size whose clean mask area of this shape is nearer (in log scale)."""
-    areas = {s: float(shape_mask(shape, 32.0, 32.0, r).sum()) for s, r in SIZE_RADIUS.items()}
-    return min(areas, key=lambda s: abs(np.log(max(area, 1) / areas[s])))
 
 
 def asked_beyond_concept(prompt: str) -> dict[str, str | None]:
@@ -162,10 +170,10 @@ def asked_beyond_concept(prompt: str) -> dict[str, str | None]:
             "size": size[1] if size else None}
 
 
-def editability_scores(image: np.ndarray, prompt: str, concept: Concept) -> dict[str, bool]:
+def editability_scores(image: np.ndarray, prompt: str, concept: ToyConcept) -> dict[str, bool]:
     """Per-attribute correctness of the attributes the prompt names beyond the concept.
 
-    A missing object gets the position (and size) wrong; the background is still read.
+    A missing object gets the position and size wrong; the background is still read.
     """
     asked = asked_beyond_concept(prompt)
     reading = read_scene(image)
@@ -177,7 +185,7 @@ def editability_scores(image: np.ndarray, prompt: str, concept: Concept) -> dict
     return out
 
 
-def prompt_scores(image: np.ndarray, prompt: str, concept: Concept) -> dict[str, bool]:
+def prompt_scores(image: np.ndarray, prompt: str, concept: ToyConcept) -> dict[str, bool]:
     """``editability_scores`` plus the concept's own colours: dominant body colour, other colours present."""
     out = editability_scores(image, prompt, concept)
     reading = read_scene(image)

@@ -1,8 +1,9 @@
-"""Pixel metrics of the toy world: what a generated 64×64 image shows, read back without a classifier.
+"""Pixel metrics of the toy world: what a generated image shows, read back without a classifier.
 
 Every quantity is measured from pixels and the known palette, so a benchmark can check a prompt's
-background, object colour, decoration colours and position, and a concept's look, on any sampler's output.
-Images are uint8 [H, W, 3] or float [H, W, 3] in 0..1.
+background, object colour, size, decorations and position, and a concept's look, on any sampler's output.
+Images are uint8 [H, W, 3] or float [H, W, 3] in 0..1, at the world's size or another (positions and areas
+are scaled).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import COLOURS, IMAGE_SIZE, PALETTE, POSITION_CENTRE
+from .render import COLOURS, IMAGE_SIZE, PALETTE, POSITION_CENTRE, SIZE_RADIUS, shape_mask
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
-BORDER = 3  # pixels of the image edge read as background
+BORDER = 6  # pixels of the image edge read as background (at the world's size)
 OBJECT_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel belongs to the object
-MIN_SHARE = 0.06  # a colour counts as present on the object above this share of its pixels
+STRICT_DISTANCE = 70.0  # a pixel counts towards a palette colour only this close (edge blends don't)
+MIN_SHARE = 0.03  # a colour counts as present on the object above this share of its pixels
+MIN_AREA = 48  # object pixels (at the world's size) below which no object is read
 
 
 def as_uint8(image: np.ndarray) -> np.ndarray:
@@ -26,20 +29,37 @@ def as_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def _scale(image: np.ndarray) -> float:
+    """World pixels per image pixel."""
+    return IMAGE_SIZE / image.shape[0]
+
+
 def nearest_colour(rgb: np.ndarray) -> str:
     """Name of the palette colour closest to one RGB value."""
     d = ((_PALETTE_RGB - np.asarray(rgb, dtype=np.float32)) ** 2).sum(axis=1)
     return COLOURS[int(d.argmin())]
 
 
+def palette_distances(pixels: np.ndarray) -> np.ndarray:
+    """Squared RGB distance of [N, 3] pixels to every palette colour, [N, n_colours]."""
+    return ((pixels[:, None, :].astype(np.float32) - _PALETTE_RGB[None]) ** 2).sum(axis=2)
+
+
 def nearest_colour_ids(pixels: np.ndarray) -> np.ndarray:
     """Palette index per pixel for [N, 3] pixels."""
-    d = ((pixels[:, None, :].astype(np.float32) - _PALETTE_RGB[None]) ** 2).sum(axis=2)
-    return d.argmin(axis=1)
+    return palette_distances(pixels).argmin(axis=1)
 
 
-def border_pixels(image: np.ndarray, width: int = BORDER) -> np.ndarray:
+def strict_colour_ids(pixels: np.ndarray) -> np.ndarray:
+    """Palette index per pixel for [N, 3] pixels, -1 where no palette colour is within ``STRICT_DISTANCE``."""
+    d = palette_distances(pixels)
+    ids = d.argmin(axis=1)
+    return np.where(d[np.arange(len(ids)), ids] <= STRICT_DISTANCE**2, ids, -1)
+
+
+def border_pixels(image: np.ndarray) -> np.ndarray:
     img = as_uint8(image)
+    width = max(1, round(BORDER / _scale(img)))
     m = np.zeros(img.shape[:2], dtype=bool)
     m[:width], m[-width:], m[:, :width], m[:, -width:] = True, True, True, True
     return img[m]
@@ -54,14 +74,19 @@ def background_colour(image: np.ndarray) -> str:
     return nearest_colour(background_rgb(image))
 
 
-def _open2(mask: np.ndarray) -> np.ndarray:
-    """Morphological opening with a 2×2 square: removes 1-pixel lines (grid backgrounds), keeps shapes."""
-    e = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]
+def _open(mask: np.ndarray, k: int) -> np.ndarray:
+    """Morphological opening with a k×k square: removes lines thinner than k pixels, keeps shapes."""
+    h, w = mask.shape
+    if k <= 1 or h < k or w < k:
+        return mask
+    e = np.ones((h - k + 1, w - k + 1), dtype=bool)
+    for dy in range(k):
+        for dx in range(k):
+            e &= mask[dy : dy + h - k + 1, dx : dx + w - k + 1]
     out = np.zeros_like(mask)
-    out[:-1, :-1] |= e
-    out[1:, :-1] |= e
-    out[:-1, 1:] |= e
-    out[1:, 1:] |= e
+    for dy in range(k):
+        for dx in range(k):
+            out[dy : dy + h - k + 1, dx : dx + w - k + 1] |= e
     return out
 
 
@@ -69,17 +94,18 @@ def object_mask(image: np.ndarray) -> np.ndarray:
     """Pixels far from the background colour.
 
     Each row is compared with the median of its own border pixels, which follows a vertical gradient;
-    where the object reaches the edge of a row, the global background colour is used instead. Thin grid
-    lines are removed by an opening.
+    where the object reaches the edge of a row, the global background colour is used instead. Grid lines
+    (two pixels wide at the world's size) are removed by an opening.
     """
     img = as_uint8(image).astype(np.float32)
+    width = max(1, round(BORDER / _scale(img)))
     bg = background_rgb(image)
-    rows = np.concatenate([img[:, :BORDER], img[:, -BORDER:]], axis=1)
+    rows = np.concatenate([img[:, :width], img[:, -width:]], axis=1)
     row_bg = np.median(rows, axis=1)  # [H, 3]
     use_row = np.abs(row_bg - bg).sum(axis=1, keepdims=True) < 120
     ref = np.where(use_row, row_bg, bg)[:, None, :]
     dist = np.sqrt(((img - ref) ** 2).sum(axis=2))
-    return _open2(dist > OBJECT_DISTANCE)
+    return _open(dist > OBJECT_DISTANCE, max(2, round(3 / _scale(img))))
 
 
 @dataclass(frozen=True)
@@ -90,40 +116,50 @@ class SceneReading:
     colour: str | None  # the object's dominant colour
     colours: tuple[str, ...]  # every colour present on the object above MIN_SHARE, dominant first
     position: str | None
-    centroid: tuple[float, float] | None
-    area: int  # object pixels
+    centroid: tuple[float, float] | None  # in world pixels
+    area: int  # object pixels, in world pixels
 
 
 def position_of(cx: float, cy: float) -> str:
-    """Nearest named position to an object centre."""
+    """Nearest named position to an object centre (world pixels)."""
     d = {k: (cx - x) ** 2 + (cy - y) ** 2 for k, (x, y) in POSITION_CENTRE.items()}
     return min(d, key=d.get)
 
 
-def read_scene(image: np.ndarray, min_area: int = 12) -> SceneReading:
-    """Background colour, object colours and position of one image."""
+def read_scene(image: np.ndarray) -> SceneReading:
+    """Background colour, object colours, position and area of one image."""
     img = as_uint8(image)
+    s = _scale(img)
     bg = background_colour(img)
     mask = object_mask(img)
-    area = int(mask.sum())
-    if area < min_area:
+    area = int(round(mask.sum() * s * s))
+    if area < MIN_AREA:
         return SceneReading(bg, None, (), None, None, area)
     ys, xs = np.nonzero(mask)
-    scale = IMAGE_SIZE / img.shape[0]
-    cx, cy = (xs.mean() + 0.5) * scale, (ys.mean() + 0.5) * scale
-    ids = nearest_colour_ids(img[mask])
+    cx, cy = (xs.mean() + 0.5) * s, (ys.mean() + 0.5) * s
+    ids = strict_colour_ids(img[mask])
+    ids = ids[ids >= 0]
     counts = np.bincount(ids, minlength=len(COLOURS))
     order = np.argsort(-counts, kind="stable")
-    present = tuple(COLOURS[i] for i in order if counts[i] >= MIN_SHARE * area and COLOURS[i] != bg)
-    dominant = present[0] if present else COLOURS[int(order[0])]
+    total = max(int(mask.sum()), 1)
+    present = tuple(COLOURS[i] for i in order if counts[i] >= MIN_SHARE * total and COLOURS[i] != bg)
+    dominant = present[0] if present else None
     return SceneReading(bg, dominant, present, position_of(cx, cy), (float(cx), float(cy)), area)
+
+
+def read_size(area: int, shape: str) -> str:
+    """"small" or "large": the size whose clean body area of this shape is nearer (in log scale)."""
+    c = IMAGE_SIZE / 2
+    areas = {s: float(shape_mask(shape, c, c, r).sum()) for s, r in SIZE_RADIUS.items()}
+    return min(areas, key=lambda s: abs(np.log(max(area, 1) / areas[s])))
 
 
 def score_reading(reading: SceneReading, asked: dict[str, str | None]) -> dict[str, bool]:
     """Per-attribute correctness of a reading against what a prompt asked (``parse_caption``'s output).
 
-    Only attributes the prompt names are scored. ``pattern_colour`` counts as right when that colour is
-    present on the object.
+    Only attributes the prompt names are scored. A decoration counts as right when its colour is present
+    on the object; the size is read from the object's area against clean renders of the asked shape (the
+    shape itself is not read). A missing object gets every object attribute wrong.
     """
     out: dict[str, bool] = {}
     if asked.get("background"):
@@ -132,8 +168,12 @@ def score_reading(reading: SceneReading, asked: dict[str, str | None]) -> dict[s
         out["colour"] = reading.colour == asked["colour"]
     if asked.get("position"):
         out["position"] = reading.position == asked["position"]
+    if asked.get("size") and asked.get("shape"):
+        out["size"] = reading.area >= MIN_AREA and read_size(reading.area, asked["shape"]) == asked["size"]
     if asked.get("pattern_colour"):
-        out["pattern_colour"] = asked["pattern_colour"] in reading.colours
+        out["pattern"] = asked["pattern_colour"] in reading.colours
+    if asked.get("emblem_colour"):
+        out["emblem"] = asked["emblem_colour"] in reading.colours
     return out
 
 

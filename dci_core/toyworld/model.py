@@ -3,7 +3,7 @@
 ComfyUI treats it as SD1.5 (``comfy.supported_models.SD15``, EPS prediction, the SD15 latent format with
 scale 0.18215), so CLIPTextEncode, EmptyLatentImage, KSampler, VAEEncode and VAEDecode work unchanged:
 
-- VAE: ComfyUI's TAESD architecture, 4 latent channels, ×8 (64×64 images → 8×8×4 latents). Its
+- VAE: ComfyUI's TAESD architecture, 4 latent channels, ×8 (128×128 images → 16×16×4 latents). Its
   ``vae_scale``/``vae_shift`` are set after training so that 0.18215 × encoded latents have unit std.
 - Text encoder: a narrow CLIP text transformer on the standard SD1 tokenizer (49408 tokens, 77 positions).
   The tokenizer's embedding size is set to the hidden size so ``embedding:`` prompts and raw embedding
@@ -31,13 +31,17 @@ TEXT_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 3,
     "projection_dim": 64,
 }
+# Three levels (16×16, 8×8, 4×4 latents). Transformers at 8×8, 4×4 and the middle on both sides, and at
+# 16×16 in the decoder's last block only: attention at the finest level is what costs on a CPU (three
+# transformers there double a training step), one keeps 16×16 cross-attention maps for DCI. Lists run from
+# the finest level; ComfyUI pops ``transformer_depth_output`` from the end (the coarsest output block first).
 UNET_CONFIG: dict[str, Any] = {
     "model_channels": 64,
-    "channel_mult": [1, 2],
-    "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1],
+    "channel_mult": [1, 2, 2],
+    "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [0, 1, 1],
     "transformer_depth_middle": 1,
-    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_output": [1, 0, 1, 1, 1, 1],
     "num_heads": 4,
 }
 LATENT_SCALE = 0.18215  # ComfyUI's SD15 latent format; the VAE's own scale/shift are fitted against it.

@@ -1,7 +1,13 @@
-"""Scene specs, the seeded renderer and the caption grammar of the toy world.
+"""Scene specs, the seeded renderer and the caption grammar of the toy world (version 2).
 
 Everything here is plain numpy so that tests, metrics and data generation run without torch or ComfyUI.
 The world itself is described in the package docstring (``dci_core/toyworld/__init__.py``).
+
+Design rule for the pixels: every decoration is laid out on the image's 8-pixel grid, which is one latent
+cell of an SD-style ×8 VAE. A stripe is one cell wide, a dot fills one cell, the band is one cell high, so
+a latent cell inside an object holds one flat colour. That keeps the decorations within what a small
+autoencoder can carry, which is what the first version of this world got wrong (its VAE lost the stripes
+and the emblems).
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-WORLD_VERSION = "toyworld-1"
-IMAGE_SIZE = 64
+WORLD_VERSION = "toyworld-2"
+IMAGE_SIZE = 128
+CELL = 8  # pixels per latent cell (SD's ×8 autoencoders)
 
 # Named colours, far apart in RGB so that the nearest-palette metric is unambiguous.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -26,21 +33,28 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star")
-PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checker", "halves", "emblem")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "hexagon", "star")
+PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "band")
 EMBLEM_SHAPES: tuple[str, ...] = ("circle", "square", "star")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 TEXTURES: tuple[str, ...] = ("flat", "gradient", "grid")
 
+# Attributes that vary in the images but that no caption ever names (like the unnamed details of a real dog
+# or mug): a concept is pinned down by them as much as by its named parts.
+STRIPE_ANGLES: tuple[str, ...] = ("vertical", "horizontal")
+EMBLEM_PLACES: tuple[str, ...] = ("centre", "upper-left", "upper-right")
+EMBLEM_SCALES: tuple[str, ...] = ("small", "large")
+UNNAMED: tuple[str, ...] = ("stripe_angle", "emblem_place", "emblem_scale")
+
 # Object half-extent in pixels per size word, and object centre per position word (x, y).
-SIZE_RADIUS: dict[str, float] = {"small": 9.0, "large": 14.0}
+SIZE_RADIUS: dict[str, float] = {"small": 18.0, "large": 28.0}
 POSITION_CENTRE: dict[str, tuple[float, float]] = {
-    "left": (17.0, 32.0),
-    "right": (47.0, 32.0),
-    "top": (32.0, 17.0),
-    "bottom": (32.0, 47.0),
-    "centre": (32.0, 32.0),
+    "left": (34.0, 64.0),
+    "right": (94.0, 64.0),
+    "top": (64.0, 34.0),
+    "bottom": (64.0, 94.0),
+    "centre": (64.0, 64.0),
 }
 POSITION_PHRASE: dict[str, str] = {
     "left": "at the left",
@@ -49,23 +63,34 @@ POSITION_PHRASE: dict[str, str] = {
     "bottom": "at the bottom",
     "centre": "in the centre",
 }
-# Pattern cells are anchored to the image's 8-pixel grid, the VAE's latent cell, so that one latent cell
-# always sees the same phase of a pattern: that keeps textures cheap to encode for a tiny autoencoder.
-PATTERN_PERIOD = 8
-# Emblem half-extent relative to the object's; smaller on a star so the star's own colour still dominates.
-EMBLEM_SCALE: dict[str, float] = {"star": 0.36, "cross": 0.42, "triangle": 0.4}
+JITTER = 4  # ± pixels of the object's centre in base scenes
+STRIPE_PERIOD = 3 * CELL  # a stripe is one latent cell wide, then two cells of body colour
+DOT_PERIOD = 2 * CELL  # a dot fills one latent cell of every 2×2
+# Emblem half-extent relative to the object's, per unnamed emblem scale; smaller on pointed shapes, so the
+# body colour still covers most of the object.
+EMBLEM_RADIUS: dict[str, float] = {"small": 0.3, "large": 0.45}
+EMBLEM_SHAPE_FACTOR: dict[str, float] = {"star": 0.7, "triangle": 0.8}
+# Emblem centre offset relative to the object's half-extent, per unnamed placement.
+EMBLEM_OFFSET: dict[str, tuple[float, float]] = {
+    "centre": (0.0, 0.0),
+    "upper-left": (-0.4, -0.4),
+    "upper-right": (0.4, -0.4),
+}
+# Pointed shapes have no room near their upper corners: their emblems move less, staying on the body.
+EMBLEM_OFFSET_FACTOR: dict[str, float] = {"star": 0.35, "triangle": 0.45}
 
-# Sampling weights of the base world: mostly simple scenes, enough of every building block to learn it.
-_PATTERN_WEIGHTS = np.array([0.35, 0.13, 0.13, 0.13, 0.13, 0.13])
+# Sampling weights of the base world: every building block often enough to learn it, both decorations
+# together in a fifth of the scenes.
+PATTERN_PROBABILITY = 0.5
+EMBLEM_PROBABILITY = 0.45
 _TEXTURE_WEIGHTS = np.array([0.6, 0.2, 0.2])
 
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One object. ``pattern`` and ``emblem`` are independent so that concepts can combine both.
+    """One object: a body with an optional pattern and an optional emblem, each in its own colour.
 
-    The base world never draws a pattern and an emblem on the same object (``pattern == "emblem"`` is the
-    base world's way to ask for an emblem alone); concepts may, which no caption can name exactly.
+    ``stripe_angle``, ``emblem_place`` and ``emblem_scale`` are never named by a caption.
     """
 
     shape: str = "circle"
@@ -76,8 +101,26 @@ class ObjectSpec:
     emblem_colour: str | None = None
     size: str = "large"
     position: str = "centre"
+    stripe_angle: str = "vertical"
+    emblem_place: str = "centre"
+    emblem_scale: str = "large"
     # Pixel offset of the object's centre, to vary scenes without new words.
     jitter: tuple[float, float] = (0.0, 0.0)
+
+    def look(self) -> tuple:
+        """Everything that makes the object what it is, place and size aside (named and unnamed parts)."""
+        stripes = self.pattern == "stripes"
+        return (
+            self.shape,
+            self.colour,
+            self.pattern,
+            self.pattern_colour,
+            self.stripe_angle if stripes else None,
+            self.emblem,
+            self.emblem_colour,
+            self.emblem_place if self.emblem else None,
+            self.emblem_scale if self.emblem else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,6 +155,11 @@ def _polygon_mask(xs: np.ndarray, ys: np.ndarray, pts: np.ndarray) -> np.ndarray
     return inside
 
 
+def _regular(cx: float, cy: float, r: float, n: int, start: float) -> np.ndarray:
+    ang = start + np.arange(n) * 2 * np.pi / n
+    return np.stack([cx + r * np.cos(ang), cy + r * np.sin(ang)], axis=1)
+
+
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean mask of a shape with half-extent ``r`` centred at (cx, cy)."""
     xs, ys = _grid(size)
@@ -121,37 +169,34 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZ
     if shape == "square":
         h = r * 0.85
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r * 1.12
     if shape == "triangle":
         pts = np.array([[cx, cy - r], [cx + r, cy + r * 0.8], [cx - r, cy + r * 0.8]])
         return _polygon_mask(xs, ys, pts)
-    if shape == "ring":
-        d2 = dx * dx + dy * dy
-        return (d2 <= r * r) & (d2 >= (r * 0.55) ** 2)
-    if shape == "cross":
-        w = r * 0.38
-        return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
+    if shape == "hexagon":
+        return _polygon_mask(xs, ys, _regular(cx, cy, r, 6, 0.0))
     if shape == "star":
         ang = -np.pi / 2 + np.arange(10) * np.pi / 5
-        rad = np.where(np.arange(10) % 2 == 0, r * 1.1, r * 0.45)
+        rad = np.where(np.arange(10) % 2 == 0, r * 1.1, r * 0.5)
         pts = np.stack([cx + rad * np.cos(ang), cy + 0.1 * r + rad * np.sin(ang)], axis=1)
         return _polygon_mask(xs, ys, pts)
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def pattern_mask(pattern: str, cx: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Pixels that take the second colour of a pattern (before clipping to the object)."""
+def pattern_mask(pattern: str, angle: str, cy: float, r: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Pixels that take the pattern's colour (before clipping to the object), on the 8-pixel cell grid."""
     xs, ys = _grid(size)
     ix, iy = np.floor(xs).astype(int), np.floor(ys).astype(int)
-    p = PATTERN_PERIOD
     if pattern == "stripes":
-        return (ix % p) >= p - 3
+        return ((iy if angle == "horizontal" else ix) % STRIPE_PERIOD) >= STRIPE_PERIOD - CELL
     if pattern == "dots":
-        return ((ix % p) - 3.5) ** 2 + ((iy % p) - 3.5) ** 2 <= 2.3**2
-    if pattern == "checker":
-        return ((ix // (p // 2)) + (iy // (p // 2))) % 2 == 1
-    if pattern == "halves":
-        return xs >= cx
-    if pattern in ("plain", "emblem"):
+        return ((ix % DOT_PERIOD) - 3.5) ** 2 + ((iy % DOT_PERIOD) - 3.5) ** 2 <= 3.6**2
+    if pattern == "band":
+        # One cell row across the lower part of the object, clear of a centred emblem.
+        top = int(np.floor((cy + 0.45 * r) / CELL)) * CELL
+        return (iy >= top) & (iy < top + CELL)
+    if pattern == "plain":
         return np.zeros((size, size), dtype=bool)
     raise ValueError(f"unknown pattern {pattern!r}")
 
@@ -165,6 +210,16 @@ def object_centre(obj: ObjectSpec) -> tuple[float, float]:
     return cx + obj.jitter[0], cy + obj.jitter[1]
 
 
+def emblem_geometry(obj: ObjectSpec) -> tuple[float, float, float]:
+    """The emblem's centre and half-extent in pixels."""
+    cx, cy = object_centre(obj)
+    r = SIZE_RADIUS[obj.size]
+    er = r * EMBLEM_RADIUS[obj.emblem_scale] * EMBLEM_SHAPE_FACTOR.get(obj.shape, 1.0)
+    ox, oy = EMBLEM_OFFSET[obj.emblem_place]
+    k = EMBLEM_OFFSET_FACTOR.get(obj.shape, 1.0)
+    return cx + k * ox * r, cy + k * oy * r, er
+
+
 def _background(colour: str, texture: str, size: int) -> np.ndarray:
     base = np.array(PALETTE[colour], dtype=np.float32)
     img = np.broadcast_to(base, (size, size, 3)).copy()
@@ -176,8 +231,9 @@ def _background(colour: str, texture: str, size: int) -> np.ndarray:
         lum = base.mean()
         line = np.array((0, 0, 0) if lum > 110 else (255, 255, 255), dtype=np.float32)
         on = np.zeros((size, size), dtype=bool)
-        on[3 :: PATTERN_PERIOD * 2, :] = True
-        on[:, 3 :: PATTERN_PERIOD * 2] = True
+        for k in (6, 7):
+            on[k :: 4 * CELL, :] = True
+            on[:, k :: 4 * CELL] = True
         img[on] = 0.6 * img[on] + 0.4 * line
     elif texture != "flat":
         raise ValueError(f"unknown texture {texture!r}")
@@ -192,13 +248,12 @@ def render_scene(spec: SceneSpec, size: int = IMAGE_SIZE) -> np.ndarray:
     r = SIZE_RADIUS[obj.size]
     body = shape_mask(obj.shape, cx, cy, r, size)
     img[body] = PALETTE[obj.colour]
-    if obj.pattern not in ("plain", "emblem"):
-        second = obj.pattern_colour or obj.colour
-        img[body & pattern_mask(obj.pattern, cx, size)] = PALETTE[second]
+    if obj.pattern != "plain":
+        img[body & pattern_mask(obj.pattern, obj.stripe_angle, cy, r, size)] = PALETTE[obj.pattern_colour or obj.colour]
     if obj.emblem is not None:
-        # Not clipped to the body: an emblem on a ring sits in its hole, one on a star stays small.
-        emblem = shape_mask(obj.emblem, cx, cy, r * EMBLEM_SCALE.get(obj.shape, 0.5), size)
-        img[emblem] = PALETTE[obj.emblem_colour or obj.colour]
+        # Not clipped to the body: an emblem placed near a corner of a thin shape may stick out.
+        ex, ey, er = emblem_geometry(obj)
+        img[shape_mask(obj.emblem, ex, ey, er, size)] = PALETTE[obj.emblem_colour or obj.colour]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -218,36 +273,60 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...], exclude: set[str] 
     return choices[int(rng.integers(len(choices)))]
 
 
-def sample_scene(rng: np.random.Generator, allow_held_out: bool = False) -> SceneSpec:
-    """Draws one base-world scene: all colours of one scene are distinct, at most one decoration."""
-    while True:
-        shape = _pick(rng, SHAPES)
-        colour = _pick(rng, COLOURS)
-        background = _pick(rng, COLOURS, {colour})
-        if allow_held_out or not held_out(shape, colour, background):
-            break
-    pattern = PATTERNS[int(rng.choice(len(PATTERNS), p=_PATTERN_WEIGHTS))]
-    second = None if pattern == "plain" else _pick(rng, COLOURS, {colour, background})
-    emblem = _pick(rng, EMBLEM_SHAPES) if pattern == "emblem" else None
-    obj = ObjectSpec(
-        shape=shape,
+def sample_object(rng: np.random.Generator, colour: str, exclude: set[str]) -> ObjectSpec:
+    """A base-world object of body colour ``colour``; its decorations avoid the colours in ``exclude``."""
+    taken = set(exclude) | {colour}
+    pattern = "plain"
+    pattern_colour = None
+    if rng.random() < PATTERN_PROBABILITY:
+        pattern = _pick(rng, PATTERNS[1:])
+        pattern_colour = _pick(rng, COLOURS, taken)
+        taken.add(pattern_colour)
+    emblem = emblem_colour = None
+    if rng.random() < EMBLEM_PROBABILITY:
+        emblem = _pick(rng, EMBLEM_SHAPES)
+        emblem_colour = _pick(rng, COLOURS, taken)
+    return ObjectSpec(
+        shape=_pick(rng, SHAPES),
         colour=colour,
         pattern=pattern,
-        pattern_colour=second if pattern not in ("plain", "emblem") else None,
+        pattern_colour=pattern_colour,
         emblem=emblem,
-        emblem_colour=second if pattern == "emblem" else None,
+        emblem_colour=emblem_colour,
         size=_pick(rng, SIZES),
         position=_pick(rng, POSITIONS),
-        jitter=(float(rng.integers(-2, 3)), float(rng.integers(-2, 3))),
+        stripe_angle=_pick(rng, STRIPE_ANGLES),
+        emblem_place=_pick(rng, EMBLEM_PLACES),
+        emblem_scale=_pick(rng, EMBLEM_SCALES),
+        jitter=(float(rng.integers(-JITTER, JITTER + 1)), float(rng.integers(-JITTER, JITTER + 1))),
     )
-    texture = TEXTURES[int(rng.choice(len(TEXTURES), p=_TEXTURE_WEIGHTS))]
-    return SceneSpec(obj=obj, background=background, texture=texture)
+
+
+def sample_scene(
+    rng: np.random.Generator, allow_held_out: bool = False, excluded_looks: frozenset = frozenset()
+) -> SceneSpec:
+    """Draws one base-world scene: all colours of one scene are distinct.
+
+    ``excluded_looks``: object looks (``ObjectSpec.look``) that must never be drawn, i.e. the concepts'.
+    """
+    while True:
+        colour = _pick(rng, COLOURS)
+        background = _pick(rng, COLOURS, {colour})
+        obj = sample_object(rng, colour, {background})
+        texture = TEXTURES[int(rng.choice(len(TEXTURES), p=_TEXTURE_WEIGHTS))]
+        if obj.look() in excluded_looks:
+            continue
+        if allow_held_out or not held_out(obj.shape, colour, background):
+            return SceneSpec(obj=obj, background=background, texture=texture)
 
 
 def sample_scenes(n: int, seed: int, allow_held_out: bool = False) -> list[SceneSpec]:
-    """``n`` scenes, a pure function of ``seed``."""
+    """``n`` base-world scenes, a pure function of ``seed``; never the exact look of a concept."""
+    from .concepts import concept_looks
+
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, allow_held_out) for _ in range(n)]
+    excluded = concept_looks()
+    return [sample_scene(rng, allow_held_out, excluded) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -257,47 +336,55 @@ OMIT_PROBABILITY: dict[str, float] = {
     "size": 0.3,
     "colour": 0.15,
     "pattern": 0.2,
+    "emblem": 0.2,
     "position": 0.2,
     "background": 0.15,
     "texture": 0.3,
 }
+PATTERN_WORDS: dict[str, str] = {"stripes": "stripes", "dots": "dots", "band": "band"}
 
 
 def pattern_phrase(obj: ObjectSpec) -> str:
-    """The words for a base-world decoration; empty for a plain object."""
-    if obj.pattern == "stripes":
-        return f"with {obj.pattern_colour} stripes"
-    if obj.pattern == "dots":
-        return f"with {obj.pattern_colour} dots"
-    if obj.pattern == "checker":
-        return f"with {_article(obj.pattern_colour)} {obj.pattern_colour} checker pattern"
-    if obj.pattern == "halves":
-        return f"that is half {obj.pattern_colour}"
-    if obj.pattern == "emblem":
-        return f"with {_article(obj.emblem_colour)} {obj.emblem_colour} {obj.emblem} emblem"
-    return ""
+    """The words for the pattern, e.g. "yellow stripes" or "a yellow band"; empty for a plain object."""
+    if obj.pattern == "plain":
+        return ""
+    if obj.pattern == "band":
+        return f"{_article(obj.pattern_colour)} {obj.pattern_colour} band"
+    return f"{obj.pattern_colour} {obj.pattern}"
+
+
+def emblem_phrase(obj: ObjectSpec) -> str:
+    """The words for the emblem, e.g. "a blue star emblem"; empty without one."""
+    if obj.emblem is None:
+        return ""
+    return f"{_article(obj.emblem_colour)} {obj.emblem_colour} {obj.emblem} emblem"
+
+
+def decoration_phrase(obj: ObjectSpec, pattern: bool = True, emblem: bool = True) -> str:
+    """"with yellow stripes and a blue star emblem", naming the pattern and/or the emblem."""
+    parts = [p for p, keep in ((pattern_phrase(obj), pattern), (emblem_phrase(obj), emblem)) if keep and p]
+    return ("with " + " and ".join(parts)) if parts else ""
 
 
 def caption(spec: SceneSpec, rng: np.random.Generator | None = None, noun: str | None = None) -> str:
     """The caption of a scene; with ``rng``, parts are randomly omitted (see ``OMIT_PROBABILITY``).
 
-    ``noun`` replaces the object phrase (e.g. ``"sks star"`` for a concept); size, colour and pattern
-    words are then dropped because the concept word carries them.
+    ``noun`` replaces the colour, shape and decoration words (e.g. ``"sks circle"`` for a concept, which
+    carries them); the size word stays.
     """
 
     def keep(part: str) -> bool:
         return rng is None or rng.random() >= OMIT_PROBABILITY[part]
 
     obj = spec.obj
-    words = []
+    words = [obj.size] if keep("size") else []
     if noun is None:
-        if keep("size"):
-            words.append(obj.size)
         if keep("colour"):
             words.append(obj.colour)
         words.append(obj.shape)
-        if obj.pattern != "plain" and keep("pattern"):
-            words.append(pattern_phrase(obj))
+        decor = decoration_phrase(obj, pattern=keep("pattern"), emblem=keep("emblem"))
+        if decor:
+            words.append(decor)
     else:
         words.append(noun)
     if keep("position"):
@@ -308,8 +395,8 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None, noun: str |
     return f"{_article(words[0])} " + " ".join(words)
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+def _article(word: str | None) -> str:
+    return "an" if word and word[0] in "aeiou" else "a"
 
 
 _COLOUR_RE = "|".join(COLOURS)
@@ -317,46 +404,39 @@ _SHAPE_RE = "|".join(SHAPES)
 _OBJECT_RE = re.compile(
     rf"^an? (?:(?P<size>small|large) )?(?:(?P<colour>{_COLOUR_RE}) )?(?P<shape>{_SHAPE_RE})\b"
 )
-_DECOR_RE = [
-    ("stripes", re.compile(rf"with (?P<c>{_COLOUR_RE}) stripes")),
-    ("dots", re.compile(rf"with (?P<c>{_COLOUR_RE}) dots")),
-    ("checker", re.compile(rf"with an? (?P<c>{_COLOUR_RE}) checker pattern")),
-    ("halves", re.compile(rf"that is half (?P<c>{_COLOUR_RE})")),
-    ("emblem", re.compile(rf"with an? (?P<c>{_COLOUR_RE}) (?P<e>{'|'.join(EMBLEM_SHAPES)}) emblem")),
-]
+_PATTERN_RE = re.compile(rf"(?:with|and) (?:an? )?(?P<c>{_COLOUR_RE}) (?P<p>stripes|dots|band)\b")
+_EMBLEM_RE = re.compile(rf"(?:with|and) an? (?P<c>{_COLOUR_RE}) (?P<e>{'|'.join(EMBLEM_SHAPES)}) emblem")
 _BACKGROUND_RE = re.compile(rf"on an? (?P<bg>{_COLOUR_RE})(?: (?P<tex>gradient|grid))? background")
+CAPTION_KEYS: tuple[str, ...] = (
+    "shape",
+    "colour",
+    "size",
+    "pattern",
+    "pattern_colour",
+    "emblem",
+    "emblem_colour",
+    "position",
+    "background",
+    "texture",
+)
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
     """Attributes a caption asks for; ``None`` where the caption leaves the choice to the model.
 
-    Keys: shape, colour, size, pattern, pattern_colour, emblem, position, background, texture. A caption
-    that names a background without a texture word asks for nothing about the texture.
+    Keys: ``CAPTION_KEYS``. A caption that names a background without a texture word asks for nothing about
+    the texture.
     """
-    out: dict[str, str | None] = dict.fromkeys(
-        (
-            "shape",
-            "colour",
-            "size",
-            "pattern",
-            "pattern_colour",
-            "emblem",
-            "position",
-            "background",
-            "texture",
-        )
-    )
+    out: dict[str, str | None] = dict.fromkeys(CAPTION_KEYS)
     m = _OBJECT_RE.search(text)
     if m:
         out.update(shape=m["shape"], colour=m["colour"], size=m["size"])
-    for name, rx in _DECOR_RE:
-        d = rx.search(text)
-        if d:
-            out["pattern"] = name
-            out["pattern_colour"] = d["c"]
-            if name == "emblem":
-                out["emblem"] = d["e"]
-            break
+    p = _PATTERN_RE.search(text)
+    if p:
+        out["pattern"], out["pattern_colour"] = p["p"], p["c"]
+    e = _EMBLEM_RE.search(text)
+    if e:
+        out["emblem"], out["emblem_colour"] = e["e"], e["c"]
     for pos, phrase in POSITION_PHRASE.items():
         if phrase in text:
             out["position"] = pos
@@ -368,16 +448,16 @@ def parse_caption(text: str) -> dict[str, str | None]:
 
 
 def scene_attributes(spec: SceneSpec) -> dict[str, str | None]:
-    """The attributes of a scene, in the same keys as ``parse_caption``."""
+    """The named attributes of a scene, in the same keys as ``parse_caption``."""
     obj = spec.obj
-    decor_colour = obj.emblem_colour if obj.pattern == "emblem" else obj.pattern_colour
     return {
         "shape": obj.shape,
         "colour": obj.colour,
         "size": obj.size,
         "pattern": obj.pattern,
-        "pattern_colour": decor_colour,
+        "pattern_colour": obj.pattern_colour,
         "emblem": obj.emblem,
+        "emblem_colour": obj.emblem_colour,
         "position": obj.position,
         "background": spec.background,
         "texture": spec.texture,
@@ -391,21 +471,19 @@ def scene_from_caption(text: str, rng: np.random.Generator | None = None) -> Sce
     """
     rng = rng or np.random.default_rng(0)
     a = parse_caption(text)
-    base = sample_scene(rng, allow_held_out=True)
-    colour = a["colour"] or base.obj.colour
-    background = a["background"] or _pick(rng, COLOURS, {colour})
+    colour = a["colour"] or _pick(rng, COLOURS, {a["background"]} - {None})
+    background = a["background"] or _pick(rng, COLOURS, {colour, a["pattern_colour"], a["emblem_colour"]} - {None})
+    base = sample_object(rng, colour, {background})
     pattern = a["pattern"] or "plain"
-    second = a["pattern_colour"]
     obj = replace(
-        base.obj,
-        shape=a["shape"] or base.obj.shape,
-        colour=colour,
-        size=a["size"] or base.obj.size,
-        position=a["position"] or base.obj.position,
+        base,
+        shape=a["shape"] or base.shape,
+        size=a["size"] or base.size,
+        position=a["position"] or base.position,
         pattern=pattern,
-        pattern_colour=second if pattern not in ("plain", "emblem") else None,
+        pattern_colour=a["pattern_colour"] if pattern != "plain" else None,
         emblem=a["emblem"],
-        emblem_colour=second if pattern == "emblem" else None,
+        emblem_colour=a["emblem_colour"],
         jitter=(0.0, 0.0),
     )
     return SceneSpec(obj=obj, background=background, texture=a["texture"] or "flat")
@@ -414,3 +492,14 @@ def scene_from_caption(text: str, rng: np.random.Generator | None = None) -> Sce
 def spec_to_dict(spec: SceneSpec) -> dict:
     """JSON-friendly form of a scene (for metadata and benchmark records)."""
     return asdict(spec)
+
+
+def object_pixels(spec: SceneSpec, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean mask of every pixel the object covers (body and emblem)."""
+    obj = spec.obj
+    cx, cy = object_centre(obj)
+    mask = shape_mask(obj.shape, cx, cy, SIZE_RADIUS[obj.size], size)
+    if obj.emblem is not None:
+        ex, ey, er = emblem_geometry(obj)
+        mask |= shape_mask(obj.emblem, ex, ey, er, size)
+    return mask

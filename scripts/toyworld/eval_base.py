@@ -1,12 +1,16 @@
 """Quick check of a toy-world base model: prompt accuracy measured from pixels, sampled by ComfyUI itself.
 
 Prompts ask for (shape, colour, background) triples that base training never showed (``held_out``), at
-every position and size; a third of them add a decoration. Images come from the stock KSampler node and
-VAEDecode at 64×64; ``dci_core.toyworld.metrics`` reads background, object colours and position back.
-The VAE's own ceiling is printed beside it (clean renders through VAEEncode → VAEDecode).
+every position and size; a quarter are plain, a quarter add a pattern, a quarter an emblem, a quarter both.
+Images come from the stock KSampler node and VAEDecode at the world's size; ``dci_core.toyworld.metrics``
+reads background, object colour, size, position and the decorations' colours back. The VAE's own ceiling
+is printed beside it (clean renders through VAEEncode → VAEDecode), and ``--vae`` prints only the VAE's
+report: PSNR, every reader on clean and round-tripped renders, and each concept's fidelity after a round
+trip against the clean renders' (``--vae-ckpt`` reads a VAE checkpoint of a training work folder).
 
 Usage: python scripts/toyworld/eval_base.py [--model FILE] [--prompts 48] [--seeds 2] [--grid out.png]
        python scripts/toyworld/eval_base.py --layout-probe [--model FILE]
+       python scripts/toyworld/eval_base.py --vae [--model FILE | --vae-ckpt WORK/vae_ckpt.safetensors]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def setup_comfy(comfyui: str) -> None:
 
 
 def held_out_prompts(n: int, seed: int) -> list[str]:
-    """``n`` full captions of held-out triples, positions and sizes cycled, every third one decorated."""
+    """``n`` full captions of held-out triples, positions and sizes cycled, decorations in four kinds."""
     from dci_core.toyworld import render as r
 
     triples = [
@@ -44,21 +48,22 @@ def held_out_prompts(n: int, seed: int) -> list[str]:
     prompts = []
     for i in range(n):
         shape, colour, bg = triples[order[i % len(triples)]]
-        pattern = "plain"
-        second = emblem = None
-        if i % 3 == 2:
-            pattern = r.PATTERNS[1 + int(rng.integers(len(r.PATTERNS) - 1))]
-            others = [x for x in r.COLOURS if x not in (colour, bg)]
-            second = others[int(rng.integers(len(others)))]
-            emblem = r.EMBLEM_SHAPES[int(rng.integers(len(r.EMBLEM_SHAPES)))] if pattern == "emblem" else None
+        others = [x for x in r.COLOURS if x not in (colour, bg)]
+        picks = rng.permutation(others)[:2]
+        pattern, second = ("plain", None)
+        if i % 4 in (1, 3):
+            pattern, second = r.PATTERNS[1 + int(rng.integers(len(r.PATTERNS) - 1))], str(picks[0])
+        emblem = emblem_colour = None
+        if i % 4 in (2, 3):
+            emblem, emblem_colour = r.EMBLEM_SHAPES[int(rng.integers(len(r.EMBLEM_SHAPES)))], str(picks[1])
         obj = r.ObjectSpec(
             shape=shape,
             colour=colour,
             pattern=pattern,
-            pattern_colour=second if pattern != "emblem" else None,
+            pattern_colour=second,
             emblem=emblem,
-            emblem_colour=second if pattern == "emblem" else None,
-            size=r.SIZES[i % 2],
+            emblem_colour=emblem_colour,
+            size=r.SIZES[(i // 4) % 2],
             position=r.POSITIONS[i % len(r.POSITIONS)],
         )
         prompts.append(r.caption(r.SceneSpec(obj, background=bg)))
@@ -68,28 +73,95 @@ def held_out_prompts(n: int, seed: int) -> list[str]:
 def sample(
     model, clip, vae, prompt: str, seeds: int, seed: int, steps: int, cfg: float, sampler: str, scheduler: str
 ) -> np.ndarray:
-    """``seeds`` images for one prompt through the stock nodes; uint8 [B, 64, 64, 3]."""
+    """``seeds`` images for one prompt through the stock nodes; uint8 [B, S, S, 3]."""
     import nodes
+
+    from dci_core.toyworld.render import IMAGE_SIZE
 
     pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = nodes.EmptyLatentImage().generate(64, 64, seeds)[0]
+    latent = nodes.EmptyLatentImage().generate(IMAGE_SIZE, IMAGE_SIZE, seeds)[0]
     out = nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]
     images = nodes.VAEDecode().decode(vae, out)[0]
     return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def vae_ceiling(vae, prompts: list[str]) -> dict[str, float]:
+def comfy_roundtrip(vae):
+    """uint8 images [B,S,S,3] → the same through a ComfyUI VAE's encode and decode."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(images).float() / 255.0
+        rec = vae.decode(vae.encode(t)).clamp(0, 1).numpy()
+        return (rec * 255).round().astype(np.uint8)
+
+    return run
+
+
+def vae_ceiling(roundtrip, prompts: list[str]) -> dict[str, float]:
     """Accuracy on clean renders of the prompts after a VAE round trip: the best the sampler can reach."""
     from dci_core.toyworld import metrics, render
 
-    scores = []
-    for i, p in enumerate(prompts):
-        img = render.render_scene(render.scene_from_caption(p, np.random.default_rng(i)))
-        t = torch.from_numpy(img).float().unsqueeze(0) / 255.0
-        rec = vae.decode(vae.encode(t)).clamp(0, 1)[0].numpy()
-        scores.append(metrics.score_reading(metrics.read_scene(rec), render.parse_caption(p)))
+    clean = np.stack([render.render_scene(render.scene_from_caption(p, np.random.default_rng(i)))
+                      for i, p in enumerate(prompts)])
+    rec = np.concatenate([roundtrip(clean[i : i + 16]) for i in range(0, len(clean), 16)])
+    scores = [metrics.score_reading(metrics.read_scene(im), render.parse_caption(p)) for im, p in zip(rec, prompts)]
     return metrics.accuracy(scores)
+
+
+def vae_report(roundtrip, n_prompts: int = 96, seed: int = 7) -> dict[str, float]:
+    """PSNR, readers on clean vs round-tripped renders, and each concept's fidelity ceiling; printed."""
+    from dci_core.toyworld import concepts, fidelity, metrics, render
+
+    prompts = held_out_prompts(n_prompts, seed)
+    clean = np.stack([render.render_scene(render.scene_from_caption(p, np.random.default_rng(i)))
+                      for i, p in enumerate(prompts)])
+    clean_acc = metrics.accuracy([metrics.score_reading(metrics.read_scene(im), render.parse_caption(p))
+                                  for im, p in zip(clean, prompts)])
+    rt_acc = vae_ceiling(roundtrip, prompts)
+    rec = np.concatenate([roundtrip(clean[i : i + 16]) for i in range(0, len(clean), 16)])
+    mse = ((rec.astype(np.float64) - clean) ** 2).mean() / 255.0**2
+    out = {"psnr": -10 * np.log10(mse)}
+    print(f"VAE round trip of {len(prompts)} held-out renders: PSNR {out['psnr']:.2f} dB")
+    print(f"{'reader':<16}{'clean':>8}{'round trip':>12}")
+    for k in clean_acc:
+        print(f"{k:<16}{clean_acc[k]:>8.1%}{rt_acc.get(k, float('nan')):>12.1%}")
+        out[f"reader_{k}"] = rt_acc.get(k, float("nan"))
+    ratios = []
+    for name, concept in concepts.CONCEPTS.items():
+        meter = fidelity.FidelityMeter(concept)
+        scenes = concepts.evaluation_scenes(concept)
+        imgs = np.stack([render.render_scene(sc) for sc in scenes])
+        f_clean = float(np.mean([meter(im) for im in imgs]))
+        f_rt = float(np.mean([meter(im) for im in roundtrip(imgs)]))
+        ratios.append(f_rt / f_clean)
+        out[f"fidelity_{name}"] = f_rt
+        print(f"concept {name:<6} fidelity clean {f_clean:.3f} round trip {f_rt:.3f} ratio {f_rt / f_clean:.3f}")
+    out["fidelity_ratio_min"] = min(ratios)
+    return out
+
+
+def taesd_from_work_checkpoint(path: Path):
+    """The raw TAESD round trip of a VAE training checkpoint (weights under ``w.enc.`` / ``w.dec.``)."""
+    from safetensors.torch import load_file
+
+    from dci_core.toyworld import model as tm
+
+    sd = load_file(str(path))
+    taesd = tm.build_taesd()
+    if "w.enc.0.weight" in sd:
+        taesd.taesd_encoder.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("w.enc.")})
+        taesd.taesd_decoder.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("w.dec.")})
+    else:  # a finished stage's vae.safetensors
+        sd.pop("_latents", None)
+        taesd.load_state_dict(sd)
+    taesd.eval()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        rec = taesd.taesd_decoder(taesd.taesd_encoder(x)).clamp(0, 1)
+        return (rec.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    return run
 
 
 def layout_probe(model, clip, vae, n: int = 8, seed: int = 0) -> None:
@@ -101,7 +173,10 @@ def layout_probe(model, clip, vae, n: int = 8, seed: int = 0) -> None:
 
     base = model.model
     sampling = base.model_sampling
-    noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    from dci_core.toyworld.render import IMAGE_SIZE
+
+    side = IMAGE_SIZE // 8
+    noise = torch.randn(n, 4, side, side, generator=torch.Generator().manual_seed(seed))
     words = ("left", "right", "top", "bottom")
     for sigma in (float(sampling.sigma_max), 8.0, 4.0, 2.0):
         s = torch.full((n,), sigma)
@@ -135,6 +210,9 @@ def main() -> None:
     ap.add_argument("--scheduler", default="normal")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", type=Path, default=None, help="write a PNG grid of all samples")
+    ap.add_argument("--vae", action="store_true", help="only the VAE's report (ceilings, PSNR)")
+    ap.add_argument("--vae-ckpt", type=Path, default=None,
+                    help="with --vae: a VAE checkpoint of a training work folder instead of --model")
     ap.add_argument("--layout-probe", action="store_true",
                     help="only probe whether position words move the object (denoised estimates, no sampling)")
     args = ap.parse_args()
@@ -144,9 +222,17 @@ def main() -> None:
     from dci_core.toyworld import metrics, render
     from dci_core.toyworld.model import load_toyworld, read_metadata
 
+    if args.vae and args.vae_ckpt:
+        with torch.inference_mode():
+            vae_report(taesd_from_work_checkpoint(args.vae_ckpt))
+        return
     meta = read_metadata(args.model)
     print(f"model {args.model} steps {meta.get('toyworld.steps')} world {meta.get('toyworld.world_version')}")
     model, clip, vae = load_toyworld(args.model)
+    if args.vae:
+        with torch.inference_mode():
+            vae_report(comfy_roundtrip(vae))
+        return
     if args.layout_probe:
         with torch.inference_mode():
             layout_probe(model, clip, vae)
@@ -175,7 +261,7 @@ def main() -> None:
                 images.append(img)
             if i < 4:
                 print(f"  {prompt!r} -> {[metrics.read_scene(im) for im in batch][0]}")
-        ceiling = vae_ceiling(vae, prompts)
+        ceiling = vae_ceiling(comfy_roundtrip(vae), prompts)
     acc = metrics.accuracy(scores)
     print(
         f"{len(images)} images, {args.steps} steps {args.sampler}/{args.scheduler}, cfg {args.cfg}, "

@@ -42,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "assets" / "toyworld" / "toyworld_base.safetensors"
+DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfyui-dci" / "toyworld-work"
 OPT_FORMAT = "2"  # how AdamW moments are named in unet_ckpt.safetensors
 
 
@@ -116,30 +117,44 @@ def render_data(n: int, seed: int):
 # ------------------------------------------------------------------------------------------ stage 2
 
 
-def object_weights(images: np.ndarray) -> torch.Tensor:
-    """Per-pixel loss weights [N,64,64]: object pixels count 5×, so small objects aren't drowned out."""
-    from dci_core.toyworld import metrics
+def image_size() -> int:
+    from dci_core.toyworld.render import IMAGE_SIZE
 
-    return torch.from_numpy(np.stack([metrics.object_mask(im) for im in images])).float() * 4 + 1
+    return IMAGE_SIZE
 
 
-def object_crops(
-    data: torch.Tensor, weight: torch.Tensor, centres: np.ndarray, idx: np.ndarray, size: int, rng
-):
-    """Crops of ``size`` px aligned to the 8-px latent grid, around the object 80 % of the time.
+def object_weights(specs) -> torch.Tensor:
+    """Per-pixel loss weights [N,S,S]: object pixels count 5×, so small objects and emblems aren't drowned out."""
+    from dci_core.toyworld.render import object_pixels
 
-    Returns images in 0..1 [B,3,s,s], weights [B,1,s,s] and the (x, y) origins in pixels.
+    return torch.from_numpy(np.stack([object_pixels(s) for s in specs])).to(torch.uint8)
+
+
+def object_crops(data: torch.Tensor, mask: torch.Tensor, specs, idx: np.ndarray, size: int, rng):
+    """Crops of ``size`` px aligned to the 8-px latent grid, on the object 85 % of the time.
+
+    Object crops centre on a random point within the object's half-extent of its centre, so edges, the
+    emblem and the inside all come up. Returns images in 0..1 [B,3,s,s], loss weights [B,1,s,s] (object
+    pixels 5×) and the (x, y) origins in pixels.
     """
+    from dci_core.toyworld.render import SIZE_RADIUS, object_centre
+
+    full = data.shape[-1]
     xs, ws, origins = [], [], []
-    hi = 64 - size
+    hi = full - size
     for i in idx:
-        cx, cy = centres[i] if rng.random() < 0.8 else rng.uniform(0, 64, 2)
+        if rng.random() < 0.85:
+            cx, cy = object_centre(specs[i].obj)
+            r = SIZE_RADIUS[specs[i].obj.size]
+            cx, cy = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r)
+        else:
+            cx, cy = rng.uniform(0, full, 2)
         ox = int(np.clip(round((cx - size / 2) / 8) * 8, 0, hi))
         oy = int(np.clip(round((cy - size / 2) / 8) * 8, 0, hi))
         xs.append(data[i, :, oy : oy + size, ox : ox + size])
-        ws.append(weight[i, oy : oy + size, ox : ox + size])
+        ws.append(mask[i, oy : oy + size, ox : ox + size])
         origins.append((ox, oy))
-    return torch.stack(xs).float() / 255.0, torch.stack(ws)[:, None], origins
+    return torch.stack(xs).float() / 255.0, torch.stack(ws)[:, None].float() * 4 + 1, origins
 
 
 def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -149,14 +164,32 @@ def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
 
 
 def encode_raw(taesd, data: torch.Tensor) -> torch.Tensor:
-    """The encoder's own output for uint8 images [N,3,64,64], in chunks of 64."""
-    return torch.cat([taesd.taesd_encoder(data[i : i + 64].float() / 255.0) for i in range(0, len(data), 64)])
+    """The encoder's own output for uint8 images [N,3,S,S], in chunks of 32."""
+    return torch.cat([taesd.taesd_encoder(data[i : i + 32].float() / 255.0) for i in range(0, len(data), 32)])
+
+
+# (crop size, batch, share of the VAE steps): mostly cheap crops (convolutions don't care about image size;
+# 32×32 is 4×4 latent cells, enough to hold an emblem or a stretch of edge), then larger crops, then whole
+# images so the borders and the encoder's wide receptive field see real scenes.
+VAE_PHASES = ((32, 32, 0.7), (64, 8, 0.2), (128, 2, 0.1))
+
+
+def vae_phase(step: int, total: int) -> tuple[int, int]:
+    done = 0.0
+    for size, bs, share in VAE_PHASES:
+        done += share
+        if step < round(done * total):
+            return min(size, image_size()), bs
+    return min(VAE_PHASES[-1][0], image_size()), VAE_PHASES[-1][1]
 
 
 def train_vae(specs, images: np.ndarray, args, work: Path):
-    """TAESD trained with L2 on crops, then scale/shift fitted; returns (taesd, latents [N,4,8,8])."""
+    """TAESD trained with weighted L2 on crops, then scale/shift fitted; returns (taesd, latents [N,4,s,s]).
+
+    Checkpointed every ``--ckpt-minutes`` (weights and Adam moments), so a killed run resumes where it
+    stopped and gives the same weights as a straight one.
+    """
     from dci_core.toyworld import model as tm
-    from dci_core.toyworld.render import object_centre
 
     path = work / "vae.safetensors"
     taesd = tm.build_taesd()
@@ -172,26 +205,36 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
     torch.manual_seed(args.seed)
     tm.init_weights(taesd)
     taesd.train()
-    params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    named = [("enc." + k, p) for k, p in taesd.taesd_encoder.named_parameters()]
+    named += [("dec." + k, p) for k, p in taesd.taesd_decoder.named_parameters()]
+    params = [p for _, p in named]
     opt = torch.optim.Adam(params, lr=args.vae_lr)
-    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,64,64]
-    weight = object_weights(images)
-    centres = np.array([object_centre(s.obj) for s in specs])
-    g = torch.Generator().manual_seed(args.seed + 1)
-    rng = np.random.default_rng(args.seed + 1)
-    # Most steps on 24×24 crops around objects (7× cheaper than whole images, and objects are what a
-    # sparse random crop would miss); the last ones on whole images.
-    crop_steps = int(args.vae_steps * 0.85)
-    t0, run = time.time(), None
-    for step in range(args.vae_steps):
-        lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,S,S]
+    mask = object_weights(specs)
+    ckpt = work / "vae_ckpt.safetensors"
+    start = 0
+    if ckpt.exists():
+        sd, meta = load_st(ckpt)
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(sd["w." + k])
+        load_optimizer_tensors(opt, sd, "opt.")
+        start = int(meta["step"])
+        log(f"VAE: resumed at step {start}")
+    t0, run, last_ckpt = time.time(), None, time.time()
+    warmup = 100
+    for step in range(start, args.vae_steps):
+        rng = np.random.default_rng([args.seed, 1, step])  # per-step stream: resuming reproduces the run
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        lr = args.vae_lr * min(1.0, (step + 1) / warmup)
+        lr *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
         for grp in opt.param_groups:
             grp["lr"] = lr
-        size, bs = (24, 16) if step < crop_steps else (64, 4)
+        size, bs = vae_phase(step, args.vae_steps)
         idx = rng.integers(0, len(data), bs)
-        x, w, _ = object_crops(data, weight, centres, idx, size, rng)
+        x, w, _ = object_crops(data, mask, specs, idx, size, rng)
         z = taesd.taesd_encoder(x)
-        z = z + 0.05 * torch.randn(z.shape, generator=g)  # decoder tolerant of imperfect latents
+        z = z + 0.03 * torch.randn(z.shape, generator=g)  # decoder tolerant of imperfect latents
         rec = taesd.taesd_decoder(z)
         loss = weighted_loss(rec, x, w)
         opt.zero_grad(set_to_none=True)
@@ -201,10 +244,17 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
         done = step + 1
         if done % 50 == 0 or done == args.vae_steps:
             el = time.time() - t0
+            per = el / (done - start)
             log(
-                f"VAE step {done}/{args.vae_steps} crop {size} loss {run:.5f} "
-                f"{el / done:.3f}s/step eta {fmt_eta(el / done * (args.vae_steps - done))}"
+                f"VAE step {done}/{args.vae_steps} crop {size} loss {run:.5f} lr {lr:.2e} "
+                f"{per:.3f}s/step eta {fmt_eta(per * (args.vae_steps - done))}"
             )
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 and done < args.vae_steps:
+            tensors = {"w." + k: p for k, p in named}
+            tensors.update(optimizer_tensors(opt, "opt."))
+            save_atomic(tensors, ckpt, {"step": str(done)})
+            last_ckpt = time.time()
+            log(f"VAE checkpoint at step {done}")
 
     taesd.eval()
     with torch.no_grad():
@@ -214,9 +264,7 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
         taesd.vae_scale.fill_(scale)
         taesd.vae_shift.fill_(-mean / scale)
         latents = tm.LATENT_SCALE * (raw / taesd.vae_scale + taesd.vae_shift)
-        rec = torch.cat(
-            [taesd.taesd_decoder(raw[i : i + 64]) for i in range(0, min(len(raw), 512), 64)]
-        ).clamp(0, 1)
+        rec = torch.cat([taesd.taesd_decoder(raw[i : i + 32]) for i in range(0, min(len(raw), 256), 32)]).clamp(0, 1)
         psnr = -10 * math.log10(((rec - data[: len(rec)].float() / 255.0) ** 2).mean().item())
     log(
         f"VAE: raw latent mean {mean:.3f} std {std:.3f}; per-channel UNet-latent std "
@@ -258,7 +306,6 @@ def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args
     stage can even run after the UNet stage, on a resumed run.
     """
     from dci_core.toyworld import model as tm
-    from dci_core.toyworld.render import object_centre
 
     path = work / "decoder.safetensors"
     if path.exists():
@@ -270,9 +317,8 @@ def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args
         return
     with torch.no_grad():
         raw = (latents / tm.LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale  # the encoder's own output
-    weight = object_weights(images)
+    mask = object_weights(specs)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    centres = np.array([object_centre(s.obj) for s in specs])
     g = torch.Generator().manual_seed(args.seed + 3)
     rng = np.random.default_rng(args.seed + 3)
     dec = taesd.taesd_decoder
@@ -285,9 +331,9 @@ def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args
             grp["lr"] = (
                 args.vae_lr * 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
             )
-        size, bs = (64, 4) if step >= full_from else (32, 16)
+        size, bs = (image_size(), 2) if step >= full_from else (32, 32)
         idx = rng.integers(0, len(data), bs)
-        x, w, origins = object_crops(data, weight, centres, idx, size, rng)
+        x, w, origins = object_crops(data, mask, specs, idx, size, rng)
         z = torch.stack(
             [
                 raw[i, :, oy // 8 : (oy + size) // 8, ox // 8 : (ox + size) // 8]
@@ -335,9 +381,10 @@ def attribute_classes() -> dict[str, tuple[str, ...]]:
         "shape": r.SHAPES,
         "colour": r.COLOURS,
         "size": r.SIZES,
-        "pattern": tuple(p for p in r.PATTERNS if p != "plain"),
+        "pattern": r.PATTERNS[1:],
         "pattern_colour": r.COLOURS,
         "emblem": r.EMBLEM_SHAPES,
+        "emblem_colour": r.COLOURS,
         "position": r.POSITIONS,
         "background": r.COLOURS,
         "texture": ("gradient", "grid"),
@@ -661,10 +708,11 @@ def main() -> None:
     ap.add_argument("--comfyui", default=os.environ.get("DCI_COMFYUI_DIR") or os.environ.get("COMFYUI_PATH"),
                     help="the ComfyUI tree (set when run through scripts/host.py)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/toyworld_work"))
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                    help="checkpoints of every stage; a later run with the same folder resumes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=6000)
-    ap.add_argument("--vae-steps", type=int, default=900)
+    ap.add_argument("--images", type=int, default=8000)
+    ap.add_argument("--vae-steps", type=int, default=3200)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only refinement (0: skip)")
     ap.add_argument("--vae-from", type=Path, default=None,
@@ -674,7 +722,7 @@ def main() -> None:
     ap.add_argument("--text-lr", type=float, default=1e-3)
     ap.add_argument("--text-aux", type=float, default=0.1,
                     help="weight of the attribute loss kept on during UNet training (0: off)")
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=7500)
     ap.add_argument("--unet-config", default="",
                     help='JSON overrides of the UNet architecture, e.g. \'{"channel_mult": [1, 2, 2], '
                          '"num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], '

@@ -18,20 +18,43 @@ def test_rendering_is_a_pure_function_of_the_seed() -> None:
 
 
 def test_base_world_respects_its_rules() -> None:
-    for s in render.sample_scenes(500, seed=0):
+    scenes = render.sample_scenes(2000, seed=0)
+    looks = concepts.concept_looks()
+    for s in scenes:
         o = s.obj
         assert not render.held_out(o.shape, o.colour, s.background)
-        assert o.colour != s.background
-        assert not (o.pattern not in ("plain", "emblem") and o.emblem), "one decoration at most"
-        second = o.pattern_colour or o.emblem_colour
-        assert second not in (o.colour, s.background)
+        colours = [c for c in (o.colour, o.pattern_colour, o.emblem_colour, s.background) if c]
+        assert len(set(colours)) == len(colours), "every colour of a scene is distinct"
+        assert (o.pattern == "plain") == (o.pattern_colour is None)
+        assert (o.emblem is None) == (o.emblem_colour is None)
+        assert o.look() not in looks, "the base world never draws a concept's full look"
+    # Every building block shows up, both decorations together included, and the unnamed parts vary.
+    both = [s for s in scenes if s.obj.pattern != "plain" and s.obj.emblem]
+    assert len(both) > 0.15 * len(scenes)
+    assert {s.obj.stripe_angle for s in scenes if s.obj.pattern == "stripes"} == set(render.STRIPE_ANGLES)
+    assert {s.obj.emblem_place for s in scenes if s.obj.emblem} == set(render.EMBLEM_PLACES)
+    assert {s.obj.emblem_scale for s in scenes if s.obj.emblem} == set(render.EMBLEM_SCALES)
+
+
+def test_concepts_named_parts_are_drawn_by_the_base_world() -> None:
+    """Each concept's nameable combination appears in base training, only its unnamed parts are its own."""
+    named = {(s.obj.shape, s.obj.colour, s.obj.pattern, s.obj.pattern_colour, s.obj.emblem, s.obj.emblem_colour)
+             for s in render.sample_scenes(20000, seed=5)}
+    parts = {(s.obj.pattern, s.obj.emblem) for s in render.sample_scenes(2000, seed=6)}
+    for c in concepts.CONCEPTS.values():
+        o = c.obj
+        assert (o.pattern, o.emblem) in parts
+        # The exact named combination is rare (one in thousands) but allowed; its unnamed parts are not.
+        assert o.look() not in {s.obj.look() for s in render.sample_scenes(3000, seed=8)}
+    assert len(named) > 1000
 
 
 def test_full_captions_parse_back_to_the_scene() -> None:
     for s in render.sample_scenes(300, seed=1, allow_held_out=True):
         asked = render.parse_caption(render.caption(s))
         truth = render.scene_attributes(s)
-        for key in ("shape", "colour", "size", "position", "background", "pattern_colour", "emblem"):
+        for key in ("shape", "colour", "size", "position", "background", "pattern_colour", "emblem",
+                    "emblem_colour"):
             assert asked[key] == truth[key], (render.caption(s), key)
         assert asked["pattern"] == (None if truth["pattern"] == "plain" else truth["pattern"])
         assert asked["texture"] == (None if truth["texture"] == "flat" else truth["texture"])
@@ -46,11 +69,16 @@ def test_partial_captions_never_ask_for_something_else() -> None:
             assert value is None or value == truth[key], (text, key)
 
 
-def test_articles_are_english() -> None:
-    obj = render.ObjectSpec("ring", "white", "checker", "orange", size="large")
+def test_articles_are_english_and_unnamed_parts_unsaid() -> None:
+    obj = render.ObjectSpec("hexagon", "white", "band", "orange", emblem="star", emblem_colour="orange",
+                            size="large", emblem_place="upper-left", emblem_scale="small")
     text = render.caption(render.SceneSpec(obj, background="orange"))
-    assert text == "a large white ring with an orange checker pattern in the centre on an orange background"
-    assert render.parse_caption(text)["pattern_colour"] == "orange"
+    assert text == ("a large white hexagon with an orange band and an orange star emblem in the centre "
+                    "on an orange background")
+    asked = render.parse_caption(text)
+    assert asked["pattern_colour"] == "orange" and asked["emblem"] == "star" and asked["pattern"] == "band"
+    for word in ("upper", "left", "small", "horizontal", "vertical"):
+        assert word not in text
 
 
 def test_scene_from_caption_satisfies_the_caption() -> None:
@@ -64,12 +92,12 @@ def test_metrics_read_clean_renders(seed: int) -> None:
     scores = []
     for s in render.sample_scenes(400, seed=seed, allow_held_out=True):
         reading = metrics.read_scene(render.render_scene(s))
-        asked = render.scene_attributes(s)
-        if s.obj.pattern in ("checker", "halves"):  # no dominant colour by design
-            asked = {**asked, "colour": None}
-        scores.append(metrics.score_reading(reading, asked))
+        scores.append(metrics.score_reading(reading, render.scene_attributes(s)))
     acc = metrics.accuracy(scores)
-    assert acc == {"background": 1.0, "colour": 1.0, "pattern_colour": 1.0, "position": 1.0}
+    # A small object whose pattern catches more cells than usual and a large emblem can leave the body
+    # colour second (about one scene in a thousand): the dominant-colour reader is then wrong by design.
+    assert acc.pop("colour") >= 0.995
+    assert acc == {"background": 1.0, "emblem": 1.0, "pattern": 1.0, "position": 1.0, "size": 1.0}
 
 
 def test_metrics_accept_float_images() -> None:
@@ -80,7 +108,7 @@ def test_metrics_accept_float_images() -> None:
 
 def test_concepts_are_unnameable_and_narrow() -> None:
     for c in concepts.CONCEPTS.values():
-        assert c.obj.emblem and c.obj.pattern not in ("plain", "emblem"), "pattern and emblem together"
+        assert c.obj.emblem and c.obj.pattern != "plain", "pattern and emblem together"
         assert len(set(concepts.concept_colours(c))) == 3
         train = concepts.training_scenes(c, 6, seed=0)
         assert {(s.background, s.obj.position, s.obj.size) for s in train} == {
@@ -92,4 +120,5 @@ def test_concepts_are_unnameable_and_narrow() -> None:
         evals = concepts.evaluation_scenes(c)
         assert all(s.background != c.background and s.obj.position != "centre" for s in evals)
         prompt = concepts.concept_prompt(evals[0], "sks", c)
-        assert prompt.startswith(f"a sks {c.class_noun} at the ")
+        assert prompt.startswith(f"a {evals[0].obj.size} sks {c.class_noun} at the ")
+        assert c.description() in concepts.description_prompt(evals[0], c)
