@@ -503,3 +503,17 @@ def object_pixels(spec: SceneSpec, size: int = IMAGE_SIZE) -> np.ndarray:
         ex, ey, er = emblem_geometry(obj)
         mask |= shape_mask(obj.emblem, ex, ey, er, size)
     return mask
+
+
+def decoration_pixels(spec: SceneSpec, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean mask of the pattern's and the emblem's pixels: the small parts that carry an instance's look."""
+    obj = spec.obj
+    cx, cy = object_centre(obj)
+    r = SIZE_RADIUS[obj.size]
+    mask = np.zeros((size, size), dtype=bool)
+    if obj.pattern != "plain":
+        mask |= shape_mask(obj.shape, cx, cy, r, size) & pattern_mask(obj.pattern, obj.stripe_angle, cy, r, size)
+    if obj.emblem is not None:
+        ex, ey, er = emblem_geometry(obj)
+        mask |= shape_mask(obj.emblem, ex, ey, er, size)
+    return mask

@@ -298,12 +298,20 @@ def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path):
     return taesd, latents
 
 
-def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args, work: Path) -> None:
-    """Trains the decoder alone on the cached full-image latents, with object pixels weighted up.
+def decoration_weights(specs) -> torch.Tensor:
+    """Per-pixel flags [N,S,S] of the pattern and emblem pixels (uint8)."""
+    from dci_core.toyworld.render import decoration_pixels
 
-    An optional polish of the decoder only, for when more sharpness is wanted than the joint VAE stage
-    gave. The encoder stays frozen, so the cached latents (and a UNet trained on them) stay valid: this
-    stage can even run after the UNet stage, on a resumed run.
+    return torch.from_numpy(np.stack([decoration_pixels(s) for s in specs])).to(torch.uint8)
+
+
+def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args, work: Path) -> None:
+    """Trains the decoder alone on the cached latents, with object pixels weighted 5× and the pattern's and
+    emblem's pixels another 4× (the small parts that make an instance).
+
+    The encoder stays frozen, so the cached latents, and a UNet trained on them, stay valid: this stage
+    doesn't change what the UNet stage computes and may run before it, after it or beside it. Crops as in
+    the VAE stage (``VAE_PHASES``); checkpointed every ``--ckpt-minutes``.
     """
     from dci_core.toyworld import model as tm
 
@@ -318,40 +326,58 @@ def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args
     with torch.no_grad():
         raw = (latents / tm.LATENT_SCALE - taesd.vae_shift) * taesd.vae_scale  # the encoder's own output
     mask = object_weights(specs)
+    detail = decoration_weights(specs)
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    g = torch.Generator().manual_seed(args.seed + 3)
-    rng = np.random.default_rng(args.seed + 3)
     dec = taesd.taesd_decoder
     dec.train()
-    opt = torch.optim.Adam(dec.parameters(), lr=args.vae_lr * 0.5)
-    full_from = int(args.decoder_steps * 0.8)  # the last steps decode whole images, as sampling does
-    t0, run = time.time(), None
-    for step in range(args.decoder_steps):
+    named = list(dec.named_parameters())
+    opt = torch.optim.Adam([p for _, p in named], lr=args.decoder_lr)
+    ckpt = work / "decoder_ckpt.safetensors"
+    start = 0
+    if ckpt.exists():
+        sd, meta = load_st(ckpt)
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(sd["w." + k])
+        load_optimizer_tensors(opt, sd, "opt.")
+        start = int(meta["step"])
+        log(f"decoder: resumed at step {start}")
+    t0, run, last_ckpt = time.time(), None, time.time()
+    for step in range(start, args.decoder_steps):
+        rng = np.random.default_rng([args.seed, 4, step])
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        lr = args.decoder_lr * min(1.0, (step + 1) / 50)
+        lr *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
         for grp in opt.param_groups:
-            grp["lr"] = (
-                args.vae_lr * 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
-            )
-        size, bs = (image_size(), 2) if step >= full_from else (32, 32)
+            grp["lr"] = lr
+        size, bs = vae_phase(step, args.decoder_steps)
         idx = rng.integers(0, len(data), bs)
         x, w, origins = object_crops(data, mask, specs, idx, size, rng)
+        extra = torch.stack([detail[i, oy : oy + size, ox : ox + size] for i, (ox, oy) in zip(idx, origins, strict=True)])
+        w = w + 4 * extra[:, None].float()
         z = torch.stack(
-            [
-                raw[i, :, oy // 8 : (oy + size) // 8, ox // 8 : (ox + size) // 8]
-                for i, (ox, oy) in zip(idx, origins, strict=True)
-            ]
+            [raw[i, :, oy // 8 : (oy + size) // 8, ox // 8 : (ox + size) // 8] for i, (ox, oy) in zip(idx, origins, strict=True)]
         )
-        rec = dec(z + 0.05 * torch.randn(z.shape, generator=g))
+        rec = dec(z + 0.03 * torch.randn(z.shape, generator=g))
         loss = weighted_loss(rec, x, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == args.decoder_steps:
+        done = step + 1
+        if done % 50 == 0 or done == args.decoder_steps:
             el = time.time() - t0
+            per = el / (done - start)
             log(
-                f"decoder step {step + 1}/{args.decoder_steps} loss {run:.5f} {el / (step + 1):.3f}s/step "
-                f"eta {fmt_eta(el / (step + 1) * (args.decoder_steps - step - 1))}"
+                f"decoder step {done}/{args.decoder_steps} crop {size} loss {run:.5f} lr {lr:.2e} {per:.3f}s/step "
+                f"eta {fmt_eta(per * (args.decoder_steps - done))}"
             )
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 and done < args.decoder_steps:
+            tensors = {"w." + k: p for k, p in named}
+            tensors.update(optimizer_tensors(opt, "opt."))
+            save_atomic(tensors, ckpt, {"step": str(done)})
+            last_ckpt = time.time()
+            log(f"decoder checkpoint at step {done}")
     dec.eval()
     save_atomic(dict(dec.state_dict()), path, {"steps": str(args.decoder_steps)})
 
@@ -714,7 +740,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8000)
     ap.add_argument("--vae-steps", type=int, default=3200)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--decoder-steps", type=int, default=0, help="decoder-only refinement (0: skip)")
+    ap.add_argument("--decoder-steps", type=int, default=2500, help="decoder-only refinement (0: skip)")
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="take the VAE from this toy-world file instead of training one")
     ap.add_argument("--text-steps", type=int, default=300,
