@@ -5,7 +5,8 @@ The object is found as in ``metrics.object_mask`` (pixels far from the backgroun
 snapped to the nearest palette colour, and the object is described by four size- and place-free parts:
 
 - **colours**: the share of each palette colour on the object (a concept is three colours in fixed shares;
-  only pixels close to a palette colour count, so blends at edges don't invent colours);
+  shares among the pixels close to a palette colour, so blends at soft edges neither invent colours nor
+  dilute the real ones);
 - **layout**: the joint distribution of (3×3 cell of the object's bounding box, colour), i.e. where on the
   object each colour sits: the emblem at the upper right, the band across the middle, the body colour
   around them. It also carries the silhouette (which cells the object fills);
@@ -80,7 +81,8 @@ def object_look(image: np.ndarray) -> ObjectLook | None:
     n = len(COLOURS)
     ids = nearest_colour_ids(img.reshape(-1, 3)).reshape(mask.shape)
     strict = strict_colour_ids(img[mask])
-    colours = np.bincount(strict[strict >= 0], minlength=n).astype(np.float64) / area
+    matched = strict[strict >= 0]
+    colours = np.bincount(matched, minlength=n).astype(np.float64) / max(len(matched), 1)
     strict_all = np.full(mask.shape, -1)
     strict_all[mask] = strict
 

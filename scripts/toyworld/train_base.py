@@ -740,7 +740,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8000)
     ap.add_argument("--vae-steps", type=int, default=3200)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--decoder-steps", type=int, default=2500, help="decoder-only refinement (0: skip)")
+    ap.add_argument("--decoder-steps", type=int, default=6000, help="decoder-only refinement (0: skip)")
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="take the VAE from this toy-world file instead of training one")
