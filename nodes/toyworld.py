@@ -8,8 +8,8 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..dci_core.toyworld import model as toy_model
-from ..dci_core.toyworld import render
+from ..dci.toyworld import model as toy_model
+from ..dci.toyworld import render
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
 BUNDLED_NAME = "toyworld_base.safetensors"

@@ -1,7 +1,7 @@
 """``make bench-quality``: fidelity and editability of the methods on the toy world, through the real nodes.
 
 One process, in-process ComfyUI (``comfy_host``), the toy model from DCI Toy World Loader. For each concept
-of ``dci_core.toyworld.concepts`` (5 narrow-context training renders each):
+of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 
 - ``base``: the base model with the class prompt ("a circle at the left on a green background"): the
   editability a model has without the concept, and the fidelity of "just the class";
@@ -13,7 +13,7 @@ and each trained concept sampled with the stock KSampler and with DCI KSampler o
 rate, seed) and the same sampler settings (steps, CFG, sampler, 64×64, seeds). Prompts are the concept's
 evaluation scenes (other positions and backgrounds than the training renders, both sizes), spread evenly.
 
-Metrics (``dci_core.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
+Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
 (background and position as the prompt asks), prompt_acc (those plus the concept's colours).
 
 Prints a table (mean ± standard error over images, and the per-concept fidelity), then, last, one line per
@@ -98,14 +98,14 @@ def dci_sweep(text: str) -> list[tuple[float, float, str, bool]]:
 
 def aux_noun(class_noun: str) -> str:
     """Another shape word of the toy world: the auxiliary branch's noun must be a word the model knows."""
-    from dci_core.toyworld.render import SHAPES
+    from dci.toyworld.render import SHAPES
 
     return next(s for s in ("square", "circle", *SHAPES) if s != class_noun)
 
 
 def pick_scenes(concept, n: int):
     """``n`` evaluation scenes spread evenly over the list (which is ordered by position, then background)."""
-    from dci_core.toyworld.concepts import evaluation_scenes
+    from dev.toyworld.concepts import evaluation_scenes
 
     scenes = evaluation_scenes(concept)
     if n >= len(scenes):
@@ -157,7 +157,7 @@ class Bench:
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     def score(self, method: str, name: str, concept, prompt: str, images: np.ndarray) -> None:
-        from dci_core.toyworld import fidelity as fid
+        from dev.toyworld import fidelity as fid
 
         meter = self._meters.setdefault(name, fid.FidelityMeter(concept))
         for img in images:
@@ -171,7 +171,7 @@ class Bench:
     def train(self, mode: str, name: str, concept):
         import torch
 
-        from dci_core.toyworld.concepts import training_images
+        from dev.toyworld.concepts import training_images
 
         images = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
         t0 = time.perf_counter()
@@ -183,8 +183,8 @@ class Bench:
         return model, clip, ref
 
     def run_all(self) -> None:
-        from dci_core.toyworld.concepts import CONCEPTS, concept_prompt
-        from dci_core.toyworld.render import caption
+        from dci.toyworld.render import caption
+        from dev.toyworld.concepts import CONCEPTS, concept_prompt
 
         a = self.args
         names = (list(CONCEPTS)[: int(a.concepts)] if a.concepts.isdigit()

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(path)
 
     sys.path.insert(0, str(host.REPO))
-    from dci_core.toyworld import concepts, fidelity
+    from dev.toyworld import concepts, fidelity
 
     concept = concepts.CONCEPTS[CONCEPT]
     print("\nmetrics (from pixels; fidelity = looks like the badge, editability = background/position/size as asked)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dci_core.toyworld import concepts, metrics, render
+from dci.toyworld import render
+from dev.toyworld import concepts, metrics
 
 
 def test_rendering_is_a_pure_function_of_the_seed() -> None:

@@ -106,7 +106,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 
 def render_data(n: int, seed: int):
-    from dci_core.toyworld.render import render_scene, sample_scenes
+    from dci.toyworld.render import render_scene, sample_scenes
 
     specs = sample_scenes(n, seed)
     images = np.stack([render_scene(s) for s in specs])
@@ -118,7 +118,7 @@ def render_data(n: int, seed: int):
 
 def object_weights(images: np.ndarray) -> torch.Tensor:
     """Per-pixel loss weights [N,64,64]: object pixels count 5×, so small objects aren't drowned out."""
-    from dci_core.toyworld import metrics
+    from dev.toyworld import metrics
 
     return torch.from_numpy(np.stack([metrics.object_mask(im) for im in images])).float() * 4 + 1
 
@@ -155,8 +155,8 @@ def encode_raw(taesd, data: torch.Tensor) -> torch.Tensor:
 
 def train_vae(specs, images: np.ndarray, args, work: Path):
     """TAESD trained with L2 on crops, then scale/shift fitted; returns (taesd, latents [N,4,8,8])."""
-    from dci_core.toyworld import model as tm
-    from dci_core.toyworld.render import object_centre
+    from dci.toyworld import model as tm
+    from dci.toyworld.render import object_centre
 
     path = work / "vae.safetensors"
     taesd = tm.build_taesd()
@@ -232,7 +232,7 @@ def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path):
     Writes the work folder's VAE and decoder files, so that the later stages and resumes see a finished
     VAE stage.
     """
-    from dci_core.toyworld import model as tm
+    from dci.toyworld import model as tm
 
     sd, _ = load_st(source)
     vae_sd = {k[len(tm._PREFIX_VAE) :]: v.float() for k, v in sd.items() if k.startswith(tm._PREFIX_VAE)}
@@ -257,8 +257,8 @@ def refine_decoder(specs, images: np.ndarray, latents: torch.Tensor, taesd, args
     gave. The encoder stays frozen, so the cached latents (and a UNet trained on them) stay valid: this
     stage can even run after the UNet stage, on a resumed run.
     """
-    from dci_core.toyworld import model as tm
-    from dci_core.toyworld.render import object_centre
+    from dci.toyworld import model as tm
+    from dci.toyworld.render import object_centre
 
     path = work / "decoder.safetensors"
     if path.exists():
@@ -329,7 +329,7 @@ class CaptionTokens:
 
 # The attributes a caption can name and their classes; class 0 of each head is "the caption doesn't say".
 def attribute_classes() -> dict[str, tuple[str, ...]]:
-    from dci_core.toyworld import render as r
+    from dci.toyworld import render as r
 
     return {
         "shape": r.SHAPES,
@@ -346,7 +346,7 @@ def attribute_classes() -> dict[str, tuple[str, ...]]:
 
 def caption_labels(text: str) -> list[int]:
     """One class index per attribute (``attribute_classes`` order), 0 where the caption says nothing."""
-    from dci_core.toyworld.render import parse_caption
+    from dci.toyworld.render import parse_caption
 
     asked = parse_caption(text)
     return [0 if asked[k] is None else 1 + names.index(asked[k]) for k, names in attribute_classes().items()]
@@ -381,7 +381,7 @@ class AttributeHeads(torch.nn.Module):
 
 def caption_batch(specs, rng, tokens: CaptionTokens, batch: int, dropout: float):
     """Token ids [B,77] and attribute labels [B,A] of ``batch`` random captions (empty ones at ``dropout``)."""
-    from dci_core.toyworld.render import caption
+    from dci.toyworld.render import caption
 
     idx = rng.integers(0, len(specs), batch)
     texts = ["" if rng.random() < dropout else caption(specs[i], rng) for i in idx]
@@ -392,7 +392,7 @@ def caption_batch(specs, rng, tokens: CaptionTokens, batch: int, dropout: float)
 
 def pretrain_text(specs, te, heads: AttributeHeads, tokens: CaptionTokens, args, work: Path) -> None:
     """Stage 3: the text encoder and the heads alone, on captions only (seconds per hundred steps)."""
-    from dci_core.toyworld import model as tm
+    from dci.toyworld import model as tm
 
     path = work / "text.safetensors"
     if path.exists():
@@ -433,7 +433,7 @@ def pretrain_text(specs, te, heads: AttributeHeads, tokens: CaptionTokens, args,
 
 def unet_config(args) -> dict:
     """The toy UNet's architecture: ``model.UNET_CONFIG`` with the ``--unet-config`` JSON overrides."""
-    from dci_core.toyworld import model as tm
+    from dci.toyworld import model as tm
 
     cfg = dict(tm.UNET_CONFIG)
     if args.unet_config:
@@ -465,7 +465,7 @@ def pyramid_noise(noise: torch.Tensor, discount: float, g: torch.Generator) -> t
 
 
 def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
-    from dci_core.toyworld import model as tm
+    from dci.toyworld import model as tm
 
     torch.manual_seed(args.seed + 2)
     text_cfg, unet_cfg = dict(tm.TEXT_CONFIG), unet_config(args)
@@ -613,8 +613,8 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
 
 def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, seconds: float) -> None:
     """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata."""
-    from dci_core.toyworld import model as tm
-    from dci_core.toyworld.render import WORLD_VERSION
+    from dci.toyworld import model as tm
+    from dci.toyworld.render import WORLD_VERSION
 
     backup = {k: p.detach().clone() for k, p in named}
     with torch.no_grad():

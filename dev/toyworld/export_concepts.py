@@ -22,7 +22,7 @@ def export(out: Path, count: int, seed: int) -> list[Path]:
     """Writes the PNGs; returns their paths."""
     from PIL import Image
 
-    from dci_core.toyworld.concepts import CONCEPTS, training_images
+    from dev.toyworld.concepts import CONCEPTS, training_images
 
     written = []
     for name, concept in CONCEPTS.items():

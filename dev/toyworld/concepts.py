@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .render import COLOURS, POSITION_PHRASE, ObjectSpec, SceneSpec, caption, render_scene
+from dci.toyworld.render import COLOURS, POSITION_PHRASE, ObjectSpec, SceneSpec, caption, render_scene
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def setup_comfy(comfyui: str) -> None:
 
 def held_out_prompts(n: int, seed: int) -> list[str]:
     """``n`` full captions of held-out triples, positions and sizes cycled, every third one decorated."""
-    from dci_core.toyworld import render as r
+    from dci.toyworld import render as r
 
     triples = [
         (s, c, b) for s in r.SHAPES for c in r.COLOURS for b in r.COLOURS if c != b and r.held_out(s, c, b)
@@ -81,7 +81,8 @@ def sample(
 
 def vae_ceiling(vae, prompts: list[str]) -> dict[str, float]:
     """Accuracy on clean renders of the prompts after a VAE round trip: the best the sampler can reach."""
-    from dci_core.toyworld import metrics, render
+    from dci.toyworld import render
+    from dev.toyworld import metrics
 
     scores = []
     for i, p in enumerate(prompts):
@@ -97,7 +98,7 @@ def layout_probe(model, clip, vae, n: int = 8, seed: int = 0) -> None:
     "... at the left/right/top/bottom ..." at a few noise levels: hits (position read from pixels equals the
     word) and mean object centroid per word, and mean |D_left - D_right| against D's spread. A model that
     ignores position words prints the same centroid for every word."""
-    from dci_core.toyworld import metrics
+    from dev.toyworld import metrics
 
     base = model.model
     sampling = base.model_sampling
@@ -141,8 +142,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     setup_comfy(args.comfyui)
-    from dci_core.toyworld import metrics, render
-    from dci_core.toyworld.model import load_toyworld, read_metadata
+    from dci.toyworld import render
+    from dci.toyworld.model import load_toyworld, read_metadata
+    from dev.toyworld import metrics
 
     meta = read_metadata(args.model)
     print(f"model {args.model} steps {meta.get('toyworld.steps')} world {meta.get('toyworld.world_version')}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render import COLOURS, IMAGE_SIZE, PALETTE, POSITION_CENTRE
+from dci.toyworld.render import COLOURS, IMAGE_SIZE, PALETTE, POSITION_CENTRE
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 BORDER = 3  # pixels of the image edge read as background

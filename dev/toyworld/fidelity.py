@@ -37,9 +37,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dci.toyworld.render import COLOURS, SIZE_RADIUS, SceneSpec, parse_caption, render_scene, shape_mask
+
 from .concepts import Concept, concept_colours
 from .metrics import as_uint8, nearest_colour_ids, object_mask, read_scene, score_reading
-from .render import COLOURS, SIZE_RADIUS, SceneSpec, parse_caption, render_scene, shape_mask
 
 GRID = 3  # layout cells per side of the object's bounding box
 CANON = 24  # side of the square the object is resampled to for layout and shape

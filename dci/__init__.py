@@ -1,0 +1,1 @@
+"""The pack's code, imported by ComfyUI through the repository's ``__init__.py``."""
