@@ -41,7 +41,7 @@ def worker(args) -> None:
     from concept_fixtures import random_concept
     from tiny_models import write_tiny_sd15_checkpoint
 
-    from dci_core.concept_format import save_concept
+    from dci.files.concept import save_concept
 
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint)

@@ -96,7 +96,7 @@ def worker(args) -> None:
     import torch
 
     sys.path.insert(0, str(HERE.parent))
-    from dci_core.concept_format import load_concept
+    from dci.files.concept import load_concept
 
     torch.set_num_threads(args.threads)
     run = comfy_host.run_node

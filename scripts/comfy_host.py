@@ -142,7 +142,7 @@ def run_graph(graph: dict, executor=None):
 
 
 def pack_module(relative: str):
-    """A module of this pack as ComfyUI loaded it (e.g. ``dci_core.comfy_dci``), for instrumentation."""
+    """A module of this pack as ComfyUI loaded it (e.g. ``dci.comfyui.sampling.guider``), for instrumentation."""
     node_module = sys.modules[node_class("DCIModelInfo").__module__]
-    package = node_module.__name__.rsplit(".nodes.", 1)[0]
+    package = node_module.__name__.rsplit(".dci.nodes.", 1)[0]
     return sys.modules[f"{package}.{relative}"]

@@ -6,19 +6,20 @@ from pathlib import Path
 
 import torch
 
-from dci_core import comfy_concept
-from dci_core.concept_format import Concept, save_concept
+from dci.comfyui.concept import base_fingerprint, base_kv_weights
+from dci.comfyui.tokenizer import text_encoder_widths
+from dci.files.concept import Concept, save_concept
 
 
 def random_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", k: int = 2, scale: float = 0.05,
                    seed: int = 0, family: str = "sd1") -> Concept:
     g = torch.Generator().manual_seed(seed)
-    deltas = {key: torch.randn(w.shape, generator=g) * scale for key, w in comfy_concept.base_kv_weights(model).items()}
-    widths = comfy_concept.text_encoder_widths(clip)
+    deltas = {key: torch.randn(w.shape, generator=g) * scale for key, w in base_kv_weights(model).items()}
+    widths = text_encoder_widths(clip)
     tokens = {enc: torch.randn(k, width, generator=g) * 0.02 for enc, width in widths.items()}
     return Concept(
         family=family, trigger=trigger, class_noun=class_noun, kv_deltas=deltas, tokens=tokens,
-        base_fingerprint=comfy_concept.base_fingerprint(model), method="test", steps=0,
+        base_fingerprint=base_fingerprint(model), method="test", steps=0,
         training={"note": "random tensors"},
     )
 

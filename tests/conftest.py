@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Three layers, all against the real ComfyUI 0.3.75 host that ``scripts/host.py`` builds:
-``tests/unit`` (``dci_core`` with torch only), ``tests/nodes`` (our nodes executed in-process the way
+``tests/unit`` (``dci.method`` and ``dci.files`` with torch only), ``tests/nodes`` (our nodes executed in-process the way
 ComfyUI executes them) and ``tests/e2e`` (a real ``main.py --cpu`` server over HTTP and websocket).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
-# `dci_core` is importable on its own (plain torch); test helpers live beside this file and in scripts/.
+# `dci` is importable on its own; test helpers live beside this file and in scripts/.
 for p in (str(REPO), str(TESTS), str(REPO / "scripts")):
     if p not in sys.path:
         sys.path.insert(0, p)

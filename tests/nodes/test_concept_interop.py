@@ -15,8 +15,9 @@ import torch
 from concept_fixtures import random_concept, write_concept
 from safetensors.torch import load_file, save_file
 
-from dci_core import comfy_concept
-from dci_core.concept_format import load_concept
+from dci.comfyui.concept import base_kv_weights, kv_weight_keys
+from dci.comfyui.tokenizer import text_encoder_widths
+from dci.files.concept import load_concept
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
 
@@ -36,14 +37,14 @@ def diffusers_names(model) -> dict[str, str]:
     import comfy.utils
 
     table = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    kv = set(comfy_concept.kv_weight_keys(model))
+    kv = set(kv_weight_keys(model))
     return {"diffusion_model." + c: d for d, c in table.items() if "diffusion_model." + c in kv}
 
 
 def finetuned(model, seed=0, scale=0.05):
     """Fine-tuned K/V weights (base + noise) in float32, by ComfyUI key."""
     g = torch.Generator().manual_seed(seed)
-    return {k: (b.float() + torch.randn(b.shape, generator=g) * scale) for k, b in comfy_concept.base_kv_weights(model).items()}
+    return {k: (b.float() + torch.randn(b.shape, generator=g) * scale) for k, b in base_kv_weights(model).items()}
 
 
 def token_vectors(width, n=2, seed=1):
@@ -91,7 +92,7 @@ def write_adobe(model, width, variant: str, n_tokens=2, seed=0, rank=3) -> tuple
     """delta.bin: 'plain' / 'compressed' (diffusers names), 'compvis' / 'compvis-compressed' (ldm names)."""
     folder = fresh_source("adobe")
     full = finetuned(model, seed)
-    base = comfy_concept.base_kv_weights(model)
+    base = base_kv_weights(model)
     g = torch.Generator().manual_seed(seed + 7)
     factors, entries = {}, {}
     for key, w in full.items():
@@ -188,7 +189,7 @@ def test_diffusers_import_samples_and_round_trips_exactly(comfy, tiny_sd15, suff
     assert (ref.trigger, ref.class_noun, ref.num_tokens) == ("new1_new2", "dog", 2)
     concept = load_concept(concept_file(ref))
     assert torch.equal(concept.tokens["clip_l"], torch.stack([tokens["<new1>"], tokens["<new2>"]]))
-    base = comfy_concept.base_kv_weights(model)
+    base = base_kv_weights(model)
     for key, w in full.items():  # base + delta, in float64 and cast back, is the source weight bit for bit
         assert torch.equal((base[key].double() + concept.kv_deltas[key].double()).float(), w), key
     assert "saved:" in ui["text"][0] and "new1_new2 dog" in ui["text"][0]
@@ -221,7 +222,7 @@ def test_adobe_delta_variants_import_and_round_trip_exactly(comfy, tiny_sd15, va
     if variant.endswith("compressed"):
         assert all(torch.equal(concept.kv_deltas[k], factors[k]) for k in factors)  # the change is u @ v
     else:
-        base = comfy_concept.base_kv_weights(model)
+        base = base_kv_weights(model)
         assert all(torch.equal((base[k].double() + concept.kv_deltas[k].double()).float(), w) for k, w in full.items())
     paths, _ = do_export(comfy, model, ref.name, "diffusers")
     _, _, ref2, _ = reimport_exported(comfy, model, clip, paths[0].parent)
@@ -307,7 +308,7 @@ def _tiny_sdxl():
 @pytest.mark.parametrize("layout", ["list", "concatenated"])
 def test_sdxl_tokens_are_split_per_encoder_and_exported_for_both(comfy, layout):
     model, clip = _tiny_sdxl()
-    assert comfy_concept.text_encoder_widths(clip) == {"clip_l": 64, "clip_g": 96}
+    assert text_encoder_widths(clip) == {"clip_l": 64, "clip_g": 96}
     folder = fresh_source("sdxl")
     g = torch.Generator().manual_seed(0)
     l_vec, g_vec = torch.randn(64, generator=g), torch.randn(96, generator=g)

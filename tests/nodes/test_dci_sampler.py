@@ -30,6 +30,19 @@ def dci(comfy, args, split=0.3, lam=0.0, aux_map="reference", guidance="shared",
     return out["samples"]
 
 
+class FixedBlend:
+    """DBIM settings whose blend weight is a constant: w = 1 keeps the concept rows' own attention output,
+    w = 0 gives them the auxiliary rows' output."""
+
+    lam = 0.0
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def weights(self, p_c, p_a, **_masks):
+        return torch.full(p_c.shape[:3], self.w, dtype=torch.float32)
+
+
 def stock(comfy, args):
     (out,), _ = comfy.run_node("KSampler", **args)
     return out["samples"]
@@ -56,14 +69,14 @@ def test_split_zero_with_denoise_below_one_and_cfg_one(comfy, tiny_sd15):
 def test_blend_weight_one_leaves_the_concept_branch_unaffected_by_the_auxiliary_branch(comfy, tiny_sd15, guidance):
     """With w forced to 1 the concept rows never take the auxiliary output: another auxiliary noun or seed
     changes nothing, and the result matches plain sampling up to batched-arithmetic rounding."""
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    dbim = comfy.pack_module("dci_core.dbim")
+    guider_module = comfy.pack_module("dci.comfyui.sampling.guider")
+    branches = comfy.pack_module("dci.method.branches")
     import comfy.samplers as samplers
 
     def run(aux_noun, aux_seed):
         m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2], aux=aux_noun)
-        plan = comfy_dci.DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
-        guider = comfy_dci.build_guider(m, pos, neg, 5.0, plan, dbim.DBIMSettings(), blend_override=1.0)
+        plan = branches.DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
+        guider = guider_module.build_guider(m, pos, neg, 5.0, plan, FixedBlend(1.0))
         noise = torch.randn(lat["samples"].shape, generator=torch.Generator().manual_seed(3))
         ks = samplers.KSampler(m, steps=6, device=m.load_device, sampler="euler", scheduler="normal")
         with torch.inference_mode():
@@ -94,7 +107,7 @@ def test_two_branches_change_the_result_and_leave_the_input_model_untouched(comf
 
 
 def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
+    comfy_dci = comfy.pack_module("dci.comfyui.sampling.attention")
     m, c, pos, neg, lat2 = dci_inputs(comfy, *tiny_sd15[:2], batch=2)
     seen = []
     original = comfy_dci.DBIMPatch.__call__
@@ -228,24 +241,25 @@ def test_a_call_without_whole_branch_pairs_falls_back_and_warns_once(comfy, capl
     without the blend (never mixing wrong rows) and one warning says so."""
     import logging
 
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    dbim = comfy.pack_module("dci_core.dbim")
-    state = comfy_dci.DCIState(dbim.DBIMSettings(), data=None, context_length=77)
-    wrapper = comfy_dci.make_apply_model_wrapper(state)
+    attention = comfy.pack_module("dci.comfyui.sampling.attention")
+    wrapper_module = comfy.pack_module("dci.comfyui.sampling.wrapper")
+    dbim = comfy.pack_module("dci.method.dbim")
+    run = attention.DCIRun(dbim.DBIMSettings(), data=None, context_length=77)
+    wrapper = wrapper_module.apply_model_wrapper
     seen = []
 
     def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         seen.append(transformer_options)
         return x * 2
 
-    info = comfy_dci.StepInfo(mixed_index=0, uncond_index=1, batch=2, shared=True)
+    info = wrapper_module.StepInfo(run=run, mixed_index=0, uncond_index=1, batch=2, shared=True)
     x = torch.randn(6, 4, 8, 8)  # 3 chunks of 2 rows: not whole pairs of a batch of 2 images
-    options = {comfy_dci.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
+    options = {attention.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             out = wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
             assert torch.equal(out, x * 2)
-    assert all(comfy_dci.ROWS_KEY not in o for o in seen)
+    assert all(attention.ROWS_KEY not in o for o in seen)
     assert caplog.text.count("did not contain whole branch pairs") == 1
 
 
@@ -253,12 +267,12 @@ def test_aux_model_gives_the_auxiliary_branch_that_models_keys_and_values(comfy,
     """aux_model: the auxiliary rows' K/V come from another MODEL (here the base model before the concept):
     its weights are read with its own patches applied, the concept model itself reproduces the default run,
     the base model changes the result, and neither input model is left patched."""
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    comfy_concept = comfy.pack_module("dci_core.comfy_concept")
+    comfy_dci = comfy.pack_module("dci.comfyui.sampling.attention")
+    comfy_concept = comfy.pack_module("dci.comfyui.concept")
     base = tiny_sd15[0]
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
     own = comfy_concept.base_kv_weights(base)
-    layers = {layer.patch_key: layer for layer in comfy.pack_module("dci_core.comfy_model").cross_attention_layers(m)}
+    layers = {layer.patch_key: layer for layer in comfy.pack_module("dci.comfyui.model").cross_attention_layers(m)}
     from_base = comfy_dci.aux_kv_weights(base, m)
     from_concept = comfy_dci.aux_kv_weights(m, m)
     assert from_base.keys() == layers.keys()

@@ -2,35 +2,37 @@
 
 Key names are translated with ComfyUI's own UNet mapping (``comfy.utils.unet_to_diffusers`` on the MODEL's
 ``unet_config``, the table its LoRA loader uses), so every UNet layout ComfyUI can describe works without a
-hard-coded block list. The file formats and the arithmetic live in ``interop``.
+hard-coded block list. The file formats live in ``dci.files.foreign``, the arithmetic in ``dci.files.convert``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import comfy_concept, comfy_model, interop
-from .concept_format import Concept
+import comfy.utils
+
+from ..files import convert, foreign
+from ..files.atomic import write_files, write_folder
+from ..files.concept import Concept
+from .concept import base_fingerprint, base_kv_weights, check_compatible, kv_weight_keys
+from .model import UnsupportedModelError, config_name, model_family
+from .tokenizer import text_encoder_widths
 
 LDM_MODEL_PREFIX = "diffusion_model."
 
 
 def _diffusers_map(model_patcher) -> dict[str, str]:
     """Every diffusers UNet parameter name → ComfyUI model key, for this MODEL's layout."""
-    import comfy.utils
-
-    unet_config = model_patcher.model.model_config.unet_config
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    mapping = comfy.utils.unet_to_diffusers(model_patcher.model.model_config.unet_config)
     if not mapping:
-        raise comfy_model.UnsupportedModelError(
-            f"this MODEL ({comfy_model.config_name(model_patcher)}) has no diffusers UNet layout to map names to"
-        )
+        raise UnsupportedModelError(f"this MODEL ({config_name(model_patcher)}) has no diffusers UNet layout to "
+                                    "map names to")
     return {d: LDM_MODEL_PREFIX + c for d, c in mapping.items()}
 
 
 def kv_key_map(model_patcher, naming: str) -> dict[str, str]:
     """Source K/V key (diffusers or CompVis/ldm naming) → ComfyUI key of this MODEL's attn2 to_k/to_v weight."""
-    keys = set(comfy_concept.kv_weight_keys(model_patcher))
+    keys = set(kv_weight_keys(model_patcher))
     if naming == "ldm":
         return {k[len(LDM_MODEL_PREFIX):]: k for k in keys}
     return {d: c for d, c in _diffusers_map(model_patcher).items() if c in keys}
@@ -49,53 +51,50 @@ def attention_processors(model_patcher) -> list[str]:
 def import_concept(source: Path, fmt: str, model_patcher, clip, trigger: str, class_noun: str,
                    tokens: str = "") -> tuple[Concept, list[str]]:
     """Read a Custom Diffusion source and turn it into a concept for this MODEL and CLIP (nothing is written)."""
-    family = comfy_model.model_family(model_patcher)
-    foreign = interop.read_source(source, fmt)
-    chosen = interop.select_tokens(foreign, tokens)
+    family = model_family(model_patcher)
+    found = foreign.read_source(source, fmt)
+    chosen = foreign.select_tokens(found, tokens)
     if not chosen:
-        raise interop.ForeignFormatError(interop.NO_TOKENS)
-    meta = foreign.metadata
+        raise foreign.ForeignFormatError(foreign.NO_TOKENS)
+    meta = found.metadata
     if not trigger.strip():
         recorded = meta.get("dci_trigger", "")
-        trigger = recorded if recorded and chosen == foreign.token_names else interop.default_trigger(chosen)
+        trigger = recorded if recorded and chosen == found.token_names else foreign.default_trigger(chosen)
     if not class_noun.strip():
         class_noun = meta.get("dci_class_noun", "")
         if not class_noun:
-            raise interop.ForeignFormatError("enter the class noun (e.g. dog): the source does not record it")
-    base = comfy_concept.base_kv_weights(model_patcher)
-    concept, notes = interop.build_concept(
-        foreign, kv_key_map(model_patcher, foreign.naming), base, comfy_concept.text_encoder_widths(clip), family,
-        trigger.strip(), class_noun, chosen, comfy_concept.base_fingerprint(model_patcher), source.name,
+            raise foreign.ForeignFormatError("enter the class noun (e.g. dog): the source does not record it")
+    concept, notes = convert.build_concept(
+        found, kv_key_map(model_patcher, found.naming), base_kv_weights(model_patcher), text_encoder_widths(clip),
+        family, trigger.strip(), class_noun, chosen, base_fingerprint(model_patcher), source.name,
     )
-    comfy_concept.check_compatible(concept, model_patcher, clip)
+    check_compatible(concept, model_patcher, clip)
     return concept, notes
 
 
 def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, embedding_path: Path,
                               overwrite: bool, precision: str = "exact") -> list[tuple[Path, bool]]:
     """A LoRA file of ``.diff`` entries (stock LoraLoaderModelOnly) and an embedding file (``embedding:name``)."""
-    comfy_concept.check_compatible(concept, model_patcher)
+    check_compatible(concept, model_patcher)
     usage = f"embedding:{embedding_path.stem} {concept.class_noun}"
     meta = {"dci_trigger": concept.trigger, "dci_class_noun": concept.class_noun, "dci_family": concept.family,
             "dci_base_fingerprint": concept.base_fingerprint, "dci_prompt": usage}
     files = {}
     if concept.kv_deltas:
-        files[lora_path] = (interop.lora_tensors(concept, precision), {**meta, "dci_embedding": embedding_path.stem})
+        files[lora_path] = (convert.lora_tensors(concept, precision), {**meta, "dci_embedding": embedding_path.stem})
     if concept.tokens:
-        files[embedding_path] = (interop.embedding_tensors(concept, precision), meta)
-    return interop.write_files(files, overwrite)
+        files[embedding_path] = (convert.embedding_tensors(concept, precision), meta)
+    return write_files(files, overwrite)
 
 
 def export_diffusers(concept: Concept, model_patcher, folder: Path, overwrite: bool,
                      precision: str = "exact") -> list[tuple[Path, bool]]:
     """A diffusers Custom Diffusion folder: full K/V weights (base + delta) under diffusers names, token files."""
-    comfy_concept.check_compatible(concept, model_patcher)
+    check_compatible(concept, model_patcher)
     to_diffusers = {c: d for d, c in kv_key_map(model_patcher, "diffusers").items()}
     missing = [k for k in concept.kv_deltas if k not in to_diffusers]
     if missing:
-        raise comfy_model.UnsupportedModelError(f"{len(missing)} key/value layers have no diffusers name (e.g. "
-                                                f"{missing[0]})")
-    base = {k: v.detach().to("cpu") for k, v in comfy_concept.base_kv_weights(model_patcher).items()}
-    files = interop.diffusers_files(concept, base, to_diffusers, attention_processors(model_patcher), precision)
-    return interop.write_folder(folder, files, overwrite)
-
+        raise UnsupportedModelError(f"{len(missing)} key/value layers have no diffusers name (e.g. {missing[0]})")
+    base = {k: v.detach().to("cpu") for k, v in base_kv_weights(model_patcher).items()}
+    files = convert.diffusers_files(concept, base, to_diffusers, attention_processors(model_patcher), precision)
+    return write_folder(folder, files, overwrite)

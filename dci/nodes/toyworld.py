@@ -4,30 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import folder_paths
 import numpy as np
 import torch
 
-from ..dci.toyworld import model as toy_model
-from ..dci.toyworld import render
+from ..comfyui.folders import checkpoint_names, checkpoint_path, embedding_folders
+from ..toyworld import model as toy_model
+from ..toyworld import render
+from .common import check_choice, register, spec
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
 BUNDLED_NAME = "toyworld_base.safetensors"
 CHECKPOINT_SUBFOLDER = "toyworld"  # models/checkpoints/toyworld/*.safetensors are listed too
+NONE = "none"
+
+
+def _in_subfolder(name: str) -> bool:
+    return name.replace("\\", "/").startswith(f"{CHECKPOINT_SUBFOLDER}/")
 
 
 def model_names() -> list[str]:
     """The bundled model first, then toy-world files the user put in models/checkpoints/toyworld/."""
-    extra = [
-        n for n in folder_paths.get_filename_list("checkpoints")
-        if n.replace("\\", "/").startswith(f"{CHECKPOINT_SUBFOLDER}/") and n.endswith(".safetensors")
-    ]
-    return [BUNDLED_NAME, *extra]
+    return [BUNDLED_NAME, *(n for n in checkpoint_names() if _in_subfolder(n) and n.endswith(".safetensors"))]
 
 
-def model_path(name: str) -> Path:
+def model_path(node: str, name: str) -> Path:
     """The file behind a dropdown entry, with a message that says what to do when it isn't there."""
-    node = "DCI Toy World Loader"
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{node}: no model chosen; pick '{BUNDLED_NAME}' (the bundled toy model)")
     if name == BUNDLED_NAME:
@@ -39,18 +40,20 @@ def model_path(name: str) -> Path:
                 f"toy-world .safetensors file in models/checkpoints/{CHECKPOINT_SUBFOLDER}/ and pick that one."
             )
         return path
-    if not name.replace("\\", "/").startswith(f"{CHECKPOINT_SUBFOLDER}/"):
+    if not _in_subfolder(name):
         raise ValueError(f"{node}: {name!r} is not a toy-world model; pick '{BUNDLED_NAME}' or a file in "
                          f"models/checkpoints/{CHECKPOINT_SUBFOLDER}/")
-    full = folder_paths.get_full_path("checkpoints", name)
-    if full is None:
+    path = checkpoint_path(name)
+    if path is None:
         raise ValueError(f"{node}: {name!r} was not found in models/checkpoints; refresh the node list")
-    return Path(full)
+    return path
 
 
 class DCIToyWorldLoader:
     """Loads the toy world's tiny SD1.x-family model: a default model that trains and samples on a CPU."""
 
+    NODE_ID = "DCIToyWorldLoader"
+    DISPLAY_NAME = "DCI Toy World Loader"
     CATEGORY = "concept/toy world"
     DESCRIPTION = (
         "Load the toy world's tiny model (64×64 scenes of coloured shapes, patterns and emblems; captions like "
@@ -71,33 +74,32 @@ class DCIToyWorldLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (model_names(), {"default": BUNDLED_NAME,
-                                               "tooltip": f"'{BUNDLED_NAME}' is the model bundled with the pack; "
-                                                          f"other toy-world files go in models/checkpoints/"
-                                                          f"{CHECKPOINT_SUBFOLDER}/."}),
+                "model_name": spec(model_names(), f"'{BUNDLED_NAME}' is the model bundled with the pack; other "
+                                   f"toy-world files go in models/checkpoints/{CHECKPOINT_SUBFOLDER}/.",
+                                   default=BUNDLED_NAME),
             }
         }
 
     def load(self, model_name):
-        path = model_path(model_name)
+        node = self.DISPLAY_NAME
+        path = model_path(node, model_name)
         meta = toy_model.read_metadata(path)
         if "toyworld.unet_config" not in meta or "toyworld.text_config" not in meta:
-            raise ValueError(f"DCI Toy World Loader: {path.name} is not a toy-world file (its metadata has no "
-                             f"toyworld.* architecture); load ordinary checkpoints with Load Checkpoint")
+            raise ValueError(f"{node}: {path.name} is not a toy-world file (its metadata has no toyworld.* "
+                             f"architecture); load ordinary checkpoints with Load Checkpoint")
         try:
-            model, clip, vae = toy_model.load_toyworld(path, folder_paths.get_folder_paths("embeddings"))
+            model, clip, vae = toy_model.load_toyworld(path, embedding_folders())
         except ValueError as e:
-            raise ValueError(f"DCI Toy World Loader: {path.name}: {e}") from None
+            raise ValueError(f"{node}: {path.name}: {e}") from None
         # Fresh objects per execution (ComfyUI caches node outputs itself); callers may patch or clone them.
         return (model, clip, vae)
-
-
-_NONE = "none"
 
 
 class DCIToyWorldScene:
     """Renders one toy-world scene exactly as the training data looks, with its caption."""
 
+    NODE_ID = "DCIToyWorldScene"
+    DISPLAY_NAME = "DCI Toy World Scene"
     CATEGORY = "concept/toy world"
     DESCRIPTION = (
         "Draw a toy-world scene from its attributes, to see what the toy model was trained on and what a "
@@ -114,35 +116,34 @@ class DCIToyWorldScene:
         colours = list(render.COLOURS)
         return {
             "required": {
-                "shape": (list(render.SHAPES), {"tooltip": "The object's shape."}),
-                "colour": (colours, {"default": "red", "tooltip": "The object's colour."}),
-                "pattern": ([p for p in render.PATTERNS if p != "emblem"],
-                            {"default": "plain", "tooltip": "A pattern in the second colour."}),
-                "pattern_colour": (colours, {"default": "yellow", "tooltip": "Colour of the pattern."}),
-                "emblem": ([_NONE, *render.EMBLEM_SHAPES], {"default": _NONE,
-                                                            "tooltip": "A small shape inside the object."}),
-                "emblem_colour": (colours, {"default": "blue", "tooltip": "Colour of the emblem."}),
-                "size": (list(render.SIZES), {"default": "large", "tooltip": "Object size."}),
-                "position": (list(render.POSITIONS), {"default": "centre", "tooltip": "Where the object sits."}),
-                "background": (colours, {"default": "white", "tooltip": "Background colour."}),
-                "texture": (list(render.TEXTURES), {"default": "flat", "tooltip": "Background texture."}),
+                "shape": spec(list(render.SHAPES), "The object's shape."),
+                "colour": spec(colours, "The object's colour.", default="red"),
+                "pattern": spec([p for p in render.PATTERNS if p != "emblem"], "A pattern in the second colour.",
+                                default="plain"),
+                "pattern_colour": spec(colours, "Colour of the pattern.", default="yellow"),
+                "emblem": spec([NONE, *render.EMBLEM_SHAPES], "A small shape inside the object.", default=NONE),
+                "emblem_colour": spec(colours, "Colour of the emblem.", default="blue"),
+                "size": spec(list(render.SIZES), "Object size.", default="large"),
+                "position": spec(list(render.POSITIONS), "Where the object sits.", default="centre"),
+                "background": spec(colours, "Background colour.", default="white"),
+                "texture": spec(list(render.TEXTURES), "Background texture.", default="flat"),
             }
         }
 
     def draw(self, shape, colour, pattern, pattern_colour, emblem, emblem_colour, size, position, background,
              texture):
-        node = "DCI Toy World Scene"
-        choices = {"shape": (shape, render.SHAPES), "colour": (colour, render.COLOURS),
-                   "pattern": (pattern, render.PATTERNS), "pattern_colour": (pattern_colour, render.COLOURS),
-                   "emblem": (emblem, (_NONE, *render.EMBLEM_SHAPES)), "emblem_colour": (emblem_colour, render.COLOURS),
-                   "size": (size, render.SIZES), "position": (position, render.POSITIONS),
-                   "background": (background, render.COLOURS), "texture": (texture, render.TEXTURES)}
-        for name, (value, options) in choices.items():
-            if value not in options:
-                raise ValueError(f"{node}: {name} must be one of {', '.join(options)}, got {value!r}")
+        node = self.DISPLAY_NAME
+        for name, value, options in (
+            ("shape", shape, render.SHAPES), ("colour", colour, render.COLOURS), ("pattern", pattern, render.PATTERNS),
+            ("pattern_colour", pattern_colour, render.COLOURS), ("emblem", emblem, (NONE, *render.EMBLEM_SHAPES)),
+            ("emblem_colour", emblem_colour, render.COLOURS), ("size", size, render.SIZES),
+            ("position", position, render.POSITIONS), ("background", background, render.COLOURS),
+            ("texture", texture, render.TEXTURES),
+        ):
+            check_choice(node, name, value, options)
         if background == colour:
             raise ValueError(f"{node}: background and object are both {colour}; pick different colours")
-        has_emblem = emblem != _NONE
+        has_emblem = emblem != NONE
         obj = render.ObjectSpec(
             shape=shape, colour=colour, size=size, position=position,
             pattern="emblem" if has_emblem and pattern == "plain" else pattern,
@@ -155,5 +156,4 @@ class DCIToyWorldScene:
         return (torch.from_numpy(pixels)[None], text)
 
 
-NODE_CLASS_MAPPINGS = {"DCIToyWorldLoader": DCIToyWorldLoader, "DCIToyWorldScene": DCIToyWorldScene}
-NODE_DISPLAY_NAME_MAPPINGS = {"DCIToyWorldLoader": "DCI Toy World Loader", "DCIToyWorldScene": "DCI Toy World Scene"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIToyWorldLoader, DCIToyWorldScene)

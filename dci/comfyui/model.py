@@ -1,8 +1,7 @@
 """What this pack needs to know about a ComfyUI MODEL: its family and its cross-attention layers.
 
-This is one of the few modules that touch ComfyUI objects. Everything is *derived from the loaded model*
-(never a hard-coded block list per architecture), so distilled or trimmed UNets work as long as ComfyUI
-runs them.
+Everything is *derived from the loaded model* (never a hard-coded block list per architecture), so distilled
+or trimmed UNets work as long as ComfyUI runs them.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from comfy.ldm.modules.attention import SpatialTransformer
 
 # ComfyUI's model-config class name → the family name this pack uses in files and messages.
 # Exact classes only: e.g. instruct-pix2pix or unCLIP variants subclass SD15/SD20 but take other inputs.
@@ -79,8 +79,6 @@ def _transformer_containers(diffusion_model: torch.nn.Module):
 
 def cross_attention_layers(model_patcher) -> list[CrossAttentionLayer]:
     """Every cross-attention (attn2) layer of the UNet, in forward order of the block lists."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-
     dm = model_patcher.model.diffusion_model
     layers: list[CrossAttentionLayer] = []
     for name, index, path, block in _transformer_containers(dm):

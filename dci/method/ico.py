@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .token_spans import SpecialTokens
+
 MODES = ("ico", "custom_diffusion")
 CUSTOM_DIFFUSION_PREFIX = "photo of a"
 RARE_TOKEN_WORDS = ("pll", "ucd", "olis")  # single, rarely used CLIP BPE tokens: starting rows for V*
@@ -74,14 +76,6 @@ def init_contexts(num_images: int, width: int, rows: torch.Tensor | None = None,
 
 
 # -- captions ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SpecialTokens:
-    start: int
-    end: int
-    pad: int
-    length: int = 77
-
-
 def caption_entries(special: SpecialTokens, prefix: torch.Tensor | Sequence, modifier: torch.Tensor,
                     class_entries: Sequence, suffix: torch.Tensor | Sequence) -> list:
     """``[SOS] prefix V* class suffix [EOS] [pad...]`` as entries (ids or rows), exactly ``special.length`` long.
@@ -168,14 +162,14 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
 
 
 # -- randomness -------------------------------------------------------------------------------------------------
-def _sub_seed(*parts) -> int:
+def sub_seed(*parts) -> int:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one training step; depends only on (seed, step)."""
-    return torch.Generator().manual_seed(_sub_seed("step", seed, step))
+    return torch.Generator().manual_seed(sub_seed("step", seed, step))
 
 
 def epoch_indices(seed: int, stream: str, count: int, start: int, n: int) -> list[int]:
@@ -186,7 +180,7 @@ def epoch_indices(seed: int, stream: str, count: int, start: int, n: int) -> lis
     for p in range(start, start + n):
         epoch, pos = divmod(p, count)
         if epoch not in perms:
-            g = torch.Generator().manual_seed(_sub_seed(stream, seed, epoch))
+            g = torch.Generator().manual_seed(sub_seed(stream, seed, epoch))
             perms[epoch] = torch.randperm(count, generator=g).tolist()
         out.append(perms[epoch][pos])
     return out

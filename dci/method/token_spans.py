@@ -7,7 +7,7 @@ them along the token axis, so a mask over the cross-attention context is the chu
 
 Matching is exact on token ids (and on embedding values), never on strings: the same word can be spelled
 with different case, spacing or weight syntax and still be the same tokens. Everything here is pure Python
-plus torch for the masks; ``comfy_tokens`` feeds it from a ComfyUI CLIP object.
+plus torch for the masks; ``dci.comfyui.phrase`` feeds it from a ComfyUI CLIP object.
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ Chunk = Sequence[Sequence[Any]]
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """The ids a tokenizer wraps every chunk with; None where the tokenizer has no such token.
+    """The ids a tokenizer wraps every chunk with (None where it has no such token), and the chunk length.
 
-    For SD1's CLIP-L: start 49406, end 49407, pad 49407. SDXL's CLIP-G pads with id 0 (the "!" token),
-    which is why real prompt tokens are found by position (between start and the first end token) and
+    For SD1's CLIP-L: start 49406, end 49407, pad 49407, 77 tokens. SDXL's CLIP-G pads with id 0 (the "!"
+    token), which is why real prompt tokens are found by position (between start and the first end token) and
     not by excluding the pad id.
     """
 
     start: int | None
     end: int | None
     pad: int | None
+    length: int = 77
 
 
 @dataclass(frozen=True)
@@ -233,3 +234,15 @@ def replace_phrase(prompt: str, phrase: str, replacement: str) -> str:
         last = end
     out.append(prompt[last:])
     return "".join(out)
+
+
+AUX_NOUN_CANDIDATES = ("cat", "dog", "car", "chair", "cup", "bird")
+
+
+def default_aux_noun(class_noun: str, prompt: str) -> str:
+    """A common noun different from the class noun and absent from the prompt (the method's 'cat' example)."""
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", prompt)} | {class_noun.lower().strip()}
+    for noun in AUX_NOUN_CANDIDATES:
+        if noun not in words:
+            return noun
+    return "thing"

@@ -2,7 +2,7 @@
 
 Every module in this folder that defines ``NODE_CLASS_MAPPINGS`` is registered. Node IDs carry the ``DCI``
 prefix (IDs that clash with built-in ones are silently ignored by ComfyUI) and never change once shipped in a
-workflow; renamed nodes stay loadable through a ``deprecated`` module.
+workflow; renamed nodes stay loadable through ``deprecated.py``.
 """
 
 import importlib

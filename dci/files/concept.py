@@ -19,7 +19,7 @@ key                                             shape                meaning
 
 Metadata (safetensors string metadata): see ``REQUIRED_METADATA`` and ``Concept.metadata``.
 
-This module is plain torch + safetensors: no ComfyUI import.
+Plain torch + safetensors: no ComfyUI import.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import json
 import os
 import re
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .atomic import write_safetensors
 
 FORMAT_NAME = "dci-concept"
 FORMAT_VERSION = 1
@@ -179,26 +180,37 @@ def sanitize_name(name: str) -> str:
 
 
 def save_concept(concept: Concept, folder: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
-    """Write atomically (temporary file in the same folder, then rename); never overwrites unless asked."""
-    from safetensors.torch import save_file
-
+    """Write atomically (``atomic.write_safetensors``); never overwrites unless asked."""
     concept.validate()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / sanitize_name(name)
+    path = Path(folder) / sanitize_name(name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        meta = concept.metadata()
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        save_file(concept.tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    meta = concept.metadata()
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return write_safetensors(path, concept.tensors(), meta)
+
+
+def same_concept(a: Concept, b: Concept) -> bool:
+    """Same metadata (apart from the creation time) and bit-identical tensors of the same dtypes."""
+    ta, tb = a.tensors(), b.tensors()
+    return (a.metadata() == b.metadata() and ta.keys() == tb.keys()
+            and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta))
+
+
+def save_or_reuse(concept: Concept, folder: str | os.PathLike, name: str, overwrite: bool) -> tuple[Path, bool]:
+    """Save as ``name``; an existing identical concept is reused (written=False), a different one is only
+    replaced when ``overwrite`` is set."""
+    path = Path(folder) / sanitize_name(name)
+    if path.exists() and not overwrite:
+        try:
+            same = same_concept(load_concept(path), concept)
+        except ConceptFileError:
+            same = False
+        if same:
+            return path, False
+        raise FileExistsError(f"{path} already exists with another concept; choose another save_name or allow "
+                              "overwriting")
+    return save_concept(concept, folder, name, overwrite=overwrite), True
 
 
 def _read_header(path: Path) -> dict:

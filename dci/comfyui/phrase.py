@@ -2,7 +2,7 @@
 
 The prompt is tokenized exactly as ``CLIPTextEncode`` does it (weights, embeddings, chunking), once per
 text encoder of the model ("l" for SD1; "g" and "l" for SDXL). The phrase is tokenized on its own with the
-same tokenizer and matched on token ids (``token_spans.find_phrase_spans``).
+same tokenizer and matched on token ids (``dci.method.token_spans.find_phrase_spans``).
 
 Matching the phrase on its own can miss an occurrence, because CLIP's tokenizer merges runs of punctuation
 (``"dog."`` alone is ``dog .`` but ``"dog.,"`` in a prompt is ``dog .,``). So the matches are verified
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .token_spans import (
+from ..method.token_spans import (
     Chunk,
     ChunkMasks,
     SpecialTokens,

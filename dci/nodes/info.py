@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..dci_core import comfy_model
+from ..comfyui.model import model_summary
+from .common import check_clip, check_model, register, spec
 
 
 class DCIModelInfo:
@@ -14,6 +15,8 @@ class DCIModelInfo:
     concept refuses to load (which family is this MODEL?).
     """
 
+    NODE_ID = "DCIModelInfo"
+    DISPLAY_NAME = "DCI Model Info"
     CATEGORY = "concept/utils"
     DESCRIPTION = (
         "Describe a MODEL (and optionally its CLIP) the way this pack sees it: model family, number of "
@@ -28,23 +31,16 @@ class DCIModelInfo:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to inspect."}),
-            },
-            "optional": {
-                "clip": ("CLIP", {"tooltip": "Its text encoder(s), to list them too."}),
-            },
+            "required": {"model": spec("MODEL", "The diffusion model to inspect.")},
+            "optional": {"clip": spec("CLIP", "Its text encoder(s), to list them too.")},
         }
 
     def describe(self, model, clip=None):
-        if not hasattr(model, "model") or not hasattr(model.model, "diffusion_model"):
-            raise ValueError("DCI Model Info: 'model' must be a MODEL output (e.g. from Load Checkpoint).")
-        if clip is not None and not hasattr(clip, "tokenize"):
-            raise ValueError("DCI Model Info: 'clip' must be a CLIP output (e.g. from Load Checkpoint).")
-        summary = comfy_model.model_summary(model, clip)
-        text = json.dumps(summary, indent=1)
+        check_model(self.DISPLAY_NAME, model)
+        if clip is not None:
+            check_clip(self.DISPLAY_NAME, clip)
+        text = json.dumps(model_summary(model, clip), indent=1)
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
-NODE_CLASS_MAPPINGS = {"DCIModelInfo": DCIModelInfo}
-NODE_DISPLAY_NAME_MAPPINGS = {"DCIModelInfo": "DCI Model Info"}
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIModelInfo)
