@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from comfy_client import ComfyError
+
+from dev.comfy_client import ComfyError
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def _client_cli(server, *args):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "comfy_client.py"
+    script = Path(__file__).resolve().parents[2] / "dev" / "comfy_client.py"
     return subprocess.run([sys.executable, str(script), "--server", server.url, *args],
                           capture_output=True, text=True, timeout=300)
 

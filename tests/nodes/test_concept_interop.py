@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
 from safetensors.torch import load_file, save_file
 
 from dci.comfyui.concept import base_kv_weights, kv_weight_keys
 from dci.comfyui.tokenizer import text_encoder_widths
 from dci.files.concept import load_concept
+from dev.fixtures import random_concept, write_concept
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
 
@@ -299,7 +299,7 @@ def test_exported_embedding_works_through_embedding_syntax_in_the_stock_encoder(
 
 def _tiny_sdxl():
     """An SDXL-family MODEL and a CLIP with a 64-wide clip_l and a 96-wide clip_g (import needs no sampling)."""
-    from tiny_models import tiny_sdxl_in_memory
+    from dev.fixtures import tiny_sdxl_in_memory
 
     model, clip, _ = tiny_sdxl_in_memory(seed=0)
     return model, clip

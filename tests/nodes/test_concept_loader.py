@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
 
 from dci.comfyui.concept import base_kv_weights, kv_weight_keys
+from dev.fixtures import random_concept, write_concept
 
 
 def encode(comfy, clip, text):
@@ -187,7 +187,7 @@ def test_bad_inputs(setup):
 
 
 def test_sd2_family_loads_its_concept_and_refuses_an_sd1_one(comfy, tiny_sd15):
-    from tiny_models import tiny_sd2_in_memory
+    from dev.fixtures import tiny_sd2_in_memory
 
     model, clip, _ = tiny_sd2_in_memory()
     (text,), _ = comfy.run_node("DCIModelInfo", model=model, clip=clip)

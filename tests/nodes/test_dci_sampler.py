@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
+
+from dci.comfyui.concept import base_kv_weights
+from dci.comfyui.model import cross_attention_layers
+from dci.comfyui.sampling import attention, wrapper
+from dci.comfyui.sampling.guider import build_guider
+from dci.method.branches import DCIPlan
+from dci.method.dbim import DBIMSettings
+from dev.fixtures import random_concept, write_concept
 
 PROMPT = "a photo of sks dog on the beach"
 
@@ -69,14 +76,12 @@ def test_split_zero_with_denoise_below_one_and_cfg_one(comfy, tiny_sd15):
 def test_blend_weight_one_leaves_the_concept_branch_unaffected_by_the_auxiliary_branch(comfy, tiny_sd15, guidance):
     """With w forced to 1 the concept rows never take the auxiliary output: another auxiliary noun or seed
     changes nothing, and the result matches plain sampling up to batched-arithmetic rounding."""
-    guider_module = comfy.pack_module("dci.comfyui.sampling.guider")
-    branches = comfy.pack_module("dci.method.branches")
     import comfy.samplers as samplers
 
     def run(aux_noun, aux_seed):
         m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2], aux=aux_noun)
-        plan = branches.DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
-        guider = guider_module.build_guider(m, pos, neg, 5.0, plan, FixedBlend(1.0))
+        plan = DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
+        guider = build_guider(m, pos, neg, 5.0, plan, FixedBlend(1.0))
         noise = torch.randn(lat["samples"].shape, generator=torch.Generator().manual_seed(3))
         ks = samplers.KSampler(m, steps=6, device=m.load_device, sampler="euler", scheduler="normal")
         with torch.inference_mode():
@@ -107,18 +112,17 @@ def test_two_branches_change_the_result_and_leave_the_input_model_untouched(comf
 
 
 def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
-    comfy_dci = comfy.pack_module("dci.comfyui.sampling.attention")
     m, c, pos, neg, lat2 = dci_inputs(comfy, *tiny_sd15[:2], batch=2)
     seen = []
-    original = comfy_dci.DBIMPatch.__call__
+    original = attention.DBIMPatch.__call__
 
     def recording(self, q, k, v, extra_options):
-        rows = extra_options.get(comfy_dci.ROWS_KEY)
+        rows = extra_options.get(attention.ROWS_KEY)
         if rows is not None:
             seen.append((rows[0].tolist(), rows[1].tolist(), q.shape[0]))
         return original(self, q, k, v, extra_options)
 
-    comfy_dci.DBIMPatch.__call__ = recording
+    attention.DBIMPatch.__call__ = recording
     try:
         for guidance, rows_per_call in (("shared", 6), ("separate", 8)):
             seen.clear()
@@ -129,7 +133,7 @@ def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
                 assert [a - cr for cr, a in zip(c_rows, a_rows, strict=True)] == [2, 2]  # image k with aux row B + k
                 assert c_rows[1] == c_rows[0] + 1
     finally:
-        comfy_dci.DBIMPatch.__call__ = original
+        attention.DBIMPatch.__call__ = original
     # image 0 of a batch of two equals image 0 sampled alone (same noise through batch_index)
     lat1 = {"samples": lat2["samples"][:1], "batch_index": [0]}
     lat2i = {"samples": lat2["samples"], "batch_index": [0, 1]}
@@ -241,23 +245,19 @@ def test_a_call_without_whole_branch_pairs_falls_back_and_warns_once(comfy, capl
     without the blend (never mixing wrong rows) and one warning says so."""
     import logging
 
-    attention = comfy.pack_module("dci.comfyui.sampling.attention")
-    wrapper_module = comfy.pack_module("dci.comfyui.sampling.wrapper")
-    dbim = comfy.pack_module("dci.method.dbim")
-    run = attention.DCIRun(dbim.DBIMSettings(), data=None, context_length=77)
-    wrapper = wrapper_module.apply_model_wrapper
+    run = attention.DCIRun(DBIMSettings(), data=None, context_length=77)
     seen = []
 
     def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         seen.append(transformer_options)
         return x * 2
 
-    info = wrapper_module.StepInfo(run=run, mixed_index=0, uncond_index=1, batch=2, shared=True)
+    info = wrapper.StepInfo(run=run, mixed_index=0, uncond_index=1, batch=2, shared=True)
     x = torch.randn(6, 4, 8, 8)  # 3 chunks of 2 rows: not whole pairs of a batch of 2 images
     options = {attention.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
-            out = wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
+            out = wrapper.apply_model_wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
             assert torch.equal(out, x * 2)
     assert all(attention.ROWS_KEY not in o for o in seen)
     assert caplog.text.count("did not contain whole branch pairs") == 1
@@ -267,14 +267,12 @@ def test_aux_model_gives_the_auxiliary_branch_that_models_keys_and_values(comfy,
     """aux_model: the auxiliary rows' K/V come from another MODEL (here the base model before the concept):
     its weights are read with its own patches applied, the concept model itself reproduces the default run,
     the base model changes the result, and neither input model is left patched."""
-    comfy_dci = comfy.pack_module("dci.comfyui.sampling.attention")
-    comfy_concept = comfy.pack_module("dci.comfyui.concept")
     base = tiny_sd15[0]
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
-    own = comfy_concept.base_kv_weights(base)
-    layers = {layer.patch_key: layer for layer in comfy.pack_module("dci.comfyui.model").cross_attention_layers(m)}
-    from_base = comfy_dci.aux_kv_weights(base, m)
-    from_concept = comfy_dci.aux_kv_weights(m, m)
+    own = base_kv_weights(base)
+    layers = {layer.patch_key: layer for layer in cross_attention_layers(m)}
+    from_base = attention.aux_kv_weights(base, m)
+    from_concept = attention.aux_kv_weights(m, m)
     assert from_base.keys() == layers.keys()
     for key, (wk, wv) in from_base.items():
         prefix = layers[key].weight_prefix

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
 
 from dci.toyworld import model as toy_model
 from dci.toyworld import render
+from dev.fixtures import random_concept, write_concept
 
 SMALL_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
               "projection_dim": 32}

@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-from concept_fixtures import concepts_folder, random_concept, write_concept
 
 from dci.comfyui.concept import kv_weight_keys
 from dci.comfyui.model import cross_attention_layers
@@ -19,6 +18,7 @@ from dci.comfyui.training.settings import TrainingError, TrainSettings
 from dci.comfyui.training.text_encoder import TextEncoder
 from dci.files.concept import TRAIN_STATE_SUFFIX, load_concept
 from dci.method import ico
+from dev.fixtures import concepts_folder, random_concept, write_concept
 
 BASE = dict(class_noun="dog", trigger_word="qxz", num_tokens=2, mode="ico", prefix_context="photo of a",
             suffix_context=".", steps=2, batch_size=1, learning_rate=1e-4, context_lr_multiplier=10.0,
@@ -29,7 +29,7 @@ BASE = dict(class_noun="dog", trigger_word="qxz", num_tokens=2, mode="ico", pref
 @pytest.fixture()
 def setup(comfy):
     """MODEL, CLIP, VAE built under inference mode, as a loader node would build them."""
-    from tiny_models import tiny_sd15_in_memory
+    from dev.fixtures import tiny_sd15_in_memory
 
     with torch.inference_mode():
         model, clip, vae = tiny_sd15_in_memory(seed=0)
@@ -93,7 +93,7 @@ def test_trains_exactly_kv_tokens_and_contexts_and_leaves_the_inputs_untouched(s
     assert all(torch.equal(v, te[k]) for k, v in clip.cond_stage_model.state_dict().items())
     assert all(torch.equal(v, ae[k]) for k, v in vae.first_stage_model.state_dict().items())
     assert model.patches == {} and model.model_options == options and model.weight_wrapper_patches == {}
-    assert existing_triggers(clip) == []
+    assert existing_triggers(clip) == [] and existing_triggers(c) == ["qxz"]
     assert all(not getattr(mod, "weight_function", []) for mod in model.model.modules())
     assert torch.equal(sample(comfy, model, clip), before)
     trained = sample(comfy, m, c)
@@ -257,7 +257,7 @@ def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup):
 def test_sd2_family_trains_clip_h_tokens_and_contexts(comfy):
     """SD2.x: the text encoder is ComfyUI's clip_h; tokens and contexts are trained and saved for it, and the
     trained concept loads back through DCI Load Concept."""
-    from tiny_models import tiny_sd2_in_memory
+    from dev.fixtures import tiny_sd2_in_memory
 
     with torch.inference_mode():
         model, clip, vae = tiny_sd2_in_memory(seed=0)

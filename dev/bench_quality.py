@@ -1,6 +1,6 @@
 """``make bench-quality``: fidelity and editability of the methods on the toy world, through the real nodes.
 
-One process, in-process ComfyUI (``comfy_host``), the toy model from DCI Toy World Loader. For each concept
+One process, in-process ComfyUI (``dev.harness``), the toy model from DCI Toy World Loader. For each concept
 of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 
 - ``base``: the base model with the class prompt ("a circle at the left on a green background"): the
@@ -19,7 +19,7 @@ Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instanc
 Prints a table (mean ± standard error over images, and the per-concept fidelity), then, last, one line per
 method: method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1>
 
-Usage: python scripts/bench_quality.py [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
+Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
        [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px,0.3:1:base] [--threads 1]
        [--grid out.png]
 """
@@ -33,8 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from . import harness
+from .grid import labelled_grid
+from .toyworld import fidelity as fid
+from .toyworld.concepts import CONCEPTS, concept_prompt, evaluation_scenes, training_images
+
 TRIGGER = "sks"
 
 # The shared training budget of every method. On the toy model a per-image learning rate of 1e-4 (4e-4 per
@@ -105,8 +108,6 @@ def aux_noun(class_noun: str) -> str:
 
 def pick_scenes(concept, n: int):
     """``n`` evaluation scenes spread evenly over the list (which is ordered by position, then background)."""
-    from dev.toyworld.concepts import evaluation_scenes
-
     scenes = evaluation_scenes(concept)
     if n >= len(scenes):
         return scenes
@@ -115,14 +116,11 @@ def pick_scenes(concept, n: int):
 
 class Bench:
     def __init__(self, args) -> None:
-        import comfy_host
-
-        comfy_host.configure_args()
-        comfy_host.boot()
+        harness.boot()
         import torch
 
         torch.set_num_threads(args.threads)
-        self.run = comfy_host.run_node
+        self.run = harness.run_node
         self.args = args
         self.model, self.clip, self.vae = self.run("DCIToyWorldLoader", model_name=self.model_name())[0]
         (self.negative,) = self.run("CLIPTextEncode", clip=self.clip, text="")[0]
@@ -134,9 +132,7 @@ class Bench:
     def model_name(self) -> str:
         if self.args.model is None:
             return "toyworld_base.safetensors"
-        import comfy_host
-
-        return comfy_host.add_model_file(self.args.model, name="toyworld/bench_model.safetensors")
+        return harness.add_model_file(self.args.model, name="toyworld/bench_model.safetensors")
 
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
@@ -157,8 +153,6 @@ class Bench:
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     def score(self, method: str, name: str, concept, prompt: str, images: np.ndarray) -> None:
-        from dev.toyworld import fidelity as fid
-
         meter = self._meters.setdefault(name, fid.FidelityMeter(concept))
         for img in images:
             self.records.append({
@@ -171,8 +165,6 @@ class Bench:
     def train(self, mode: str, name: str, concept):
         import torch
 
-        from dev.toyworld.concepts import training_images
-
         images = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
         t0 = time.perf_counter()
         model, clip, ref, _ = self.run(
@@ -184,7 +176,6 @@ class Bench:
 
     def run_all(self) -> None:
         from dci.toyworld.render import caption
-        from dev.toyworld.concepts import CONCEPTS, concept_prompt
 
         a = self.args
         names = (list(CONCEPTS)[: int(a.concepts)] if a.concepts.isdigit()
@@ -259,31 +250,13 @@ class Bench:
                   f"prompt_acc={s['prompt_acc']:.3f}")
 
     def write_grid(self, path: Path) -> None:
-        rows = {m: np.concatenate(v, axis=1) for m, v in self.grid.items()}
+        rows = [(m, np.concatenate(v, axis=1)) for m, v in self.grid.items()]
         labelled_grid(rows).save(path, optimize=True)
         print(f"grid (one row per method, first seed of every prompt): {path}")
 
 
-def labelled_grid(rows: dict[str, np.ndarray], label_width: int = 150):
-    """Stacks image rows [H, W, 3] under each other with the method's name at the left; a PIL image."""
-    from PIL import Image, ImageDraw
-
-    height = sum(r.shape[0] for r in rows.values())
-    width = label_width + max(r.shape[1] for r in rows.values())
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for name, row in rows.items():
-        canvas.paste(Image.fromarray(row), (label_width, y))
-        draw.text((6, y + row.shape[0] // 2 - 6), name, fill="black")
-        y += row.shape[0]
-    return canvas
-
-
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
     bench = Bench(args)
     bench.run_all()

@@ -14,41 +14,32 @@ dci_time_ratio=<DCI/KSampler wall time> bound=<bound> mem_ratio=<peak RSS ratio>
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
+from . import harness
+from .bench import measure, report, start_worker
 
 CONFIGS = [("ksampler", 0.0)] + [(g, a) for a in (0.2, 0.3) for g in ("shared", "separate")]
 
 
 def worker(args) -> None:
-    import comfy_host
-
-    comfy_host.configure_args()
-    comfy_host.boot()
+    start_worker(args.threads)
     import folder_paths
-    import torch
-
-    sys.path.insert(0, str(HERE.parent))
-    from concept_fixtures import random_concept
-    from tiny_models import write_tiny_sd15_checkpoint
 
     from dci.files.concept import save_concept
 
-    torch.set_num_threads(args.threads)
+    from .fixtures import random_concept, write_tiny_sd15_checkpoint
+
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         write_tiny_sd15_checkpoint(ckpt)
-    run = comfy_host.run_node
-    model, clip, _ = run("CheckpointLoaderSimple", ckpt_name=comfy_host.add_model_file(ckpt))[0]
+    run = harness.run_node
+    model, clip, _ = run("CheckpointLoaderSimple", ckpt_name=harness.add_model_file(ckpt))[0]
     save_concept(random_concept(model, clip), folder_paths.get_folder_paths("concepts")[0], "bench", overwrite=True)
     m, c, ref = run("DCILoadConcept", model=model, clip=clip, concept_name="bench.safetensors",
                     strength_model=1.0, strength_clip=1.0)[0]
@@ -73,20 +64,16 @@ def worker(args) -> None:
         for _ in range(args.repeats):
             for m_, a in CONFIGS:
                 best[f"{m_}:{a}"] = min(best[f"{m_}:{a}"], sample(m_, a))
-        print(json.dumps(best))
+        report(best)
     else:
         sample(args.mode, args.split)
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        report({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def measure(mode: str, res: int, steps: int, split: float, checkpoint: Path, threads: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--res", str(res), "--steps", str(steps),
-           "--split", str(split), "--checkpoint", str(checkpoint), "--threads", str(threads),
-           "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark worker failed ({mode}, {res}px):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_worker(mode: str, res: int, steps: int, split: float, checkpoint: Path, threads: int, repeats: int) -> dict:
+    return measure(__spec__.name, ["--mode", mode, "--res", str(res), "--steps", str(steps), "--split", str(split),
+                                   "--checkpoint", str(checkpoint), "--threads", str(threads),
+                                   "--repeats", str(repeats)])
 
 
 def main() -> int:
@@ -110,8 +97,8 @@ def main() -> int:
         checkpoint = Path(tmp) / "tiny_sd15.safetensors"
         for res in [int(r) for r in args.resolutions.split(",")]:
             steps = args.steps_512 if res >= 512 else args.steps
-            times = measure("time", res, steps, 0.0, checkpoint, args.threads, args.repeats)
-            mem = {f"{m}:{a}": measure(m, res, steps, a, checkpoint, args.threads, 1)["peak_rss_mb"]
+            times = run_worker("time", res, steps, 0.0, checkpoint, args.threads, args.repeats)
+            mem = {f"{m}:{a}": run_worker(m, res, steps, a, checkpoint, args.threads, 1)["peak_rss_mb"]
                    for m, a in CONFIGS}
             base_t, base_m = times["ksampler:0.0"], mem["ksampler:0.0"]
             rows.append(("KSampler", "-", "-", res, steps, base_t, base_m, 1.0, 1.0, "-"))
@@ -134,6 +121,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "tests"))
     sys.exit(main())

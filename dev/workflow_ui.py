@@ -5,7 +5,7 @@ Both directions use a server's ``/object_info``: which inputs are widgets, their
 optional), and which widgets carry an extra "control after generate" value (``control_after_generate`` in
 the input options, or the names ``seed``/``noise_seed``, as the front end decides).
 
-    python3 scripts/host.py python scripts/workflow_ui.py      # (re)write workflows/*.json from workflows/api/
+    python3 dev/host.py python -m dev.workflow_ui      # (re)write workflows/*.json from workflows/api/
 """
 
 from __future__ import annotations
@@ -185,11 +185,10 @@ def write_all(object_info: dict) -> list[Path]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(HERE))
     import tempfile
 
-    import host
-    from comfy_server import ComfyServer
+    from . import host
+    from .comfy_server import ComfyServer
 
     with tempfile.TemporaryDirectory() as base, ComfyServer(Path(base), Path(base) / "server.log") as server:
         info = server.client().object_info()

@@ -1,15 +1,15 @@
 """The node reference (Markdown) from the nodes' own definitions, so the README never drifts from the code.
 
-    python3 scripts/host.py python scripts/node_reference.py            # print it
-    python3 scripts/host.py python scripts/node_reference.py --readme   # rewrite the README's section
+    python3 dev/host.py python -m dev.node_reference            # print it
+    python3 dev/host.py python -m dev.node_reference --readme   # rewrite the README's section
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from . import harness
+from .host import REPO
 
 
 def describe_input(name: str, spec) -> str:
@@ -33,7 +33,7 @@ def main() -> int:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             reference()
-        readme = HERE.parent / "README.md"
+        readme = REPO / "README.md"
         text = readme.read_text()
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
@@ -46,11 +46,7 @@ def main() -> int:
 
 
 def reference() -> None:
-    sys.path.insert(0, str(HERE))
-    import comfy_host
-
-    comfy_host.configure_args()
-    comfy_host.boot()
+    harness.boot()
     import nodes
 
     ours = sorted(k for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("DCI"))

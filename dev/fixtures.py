@@ -1,13 +1,14 @@
-"""Tiny models with random weights for tests and the pre-toy-world demo (no weights can be downloaded).
+"""Test fixtures: tiny models with random weights (no weights can be downloaded) and random concepts.
 
 * ``write_tiny_sd15_checkpoint``: a checkpoint file that the stock ``CheckpointLoaderSimple`` detects as
   SD1.5 — model_channels 320 and context 768 (what ComfyUI's detection keys on) but a single UNet level with
   one res block and one transformer, the full CLIP-L text encoder (ComfyUI's SD1 CLIP has a fixed config)
   and a TAESD VAE. About 300 MB in fp16; generated at test time, never committed.
-* ``tiny_sd15_in_memory`` / ``tiny_sdxl_in_memory``: MODEL, CLIP, VAE objects built directly in memory
-  (32-64 channels), for fast in-process tests.
+* ``tiny_sd15_in_memory`` / ``tiny_sdxl_in_memory`` / ``tiny_sd2_in_memory``: MODEL, CLIP, VAE objects built
+  directly in memory (32-64 channels), for fast in-process tests.
+* ``random_concept`` / ``write_concept``: a concept file for a given MODEL/CLIP from random tensors.
 
-Callers must have put the ComfyUI tree on ``sys.path`` and set ``comfy.cli_args.args.cpu`` first.
+Callers boot ComfyUI first (``dev.harness``).
 """
 
 from __future__ import annotations
@@ -119,14 +120,9 @@ def tiny_sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
 
 def write_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write the SD1.5-detected tiny checkpoint atomically; returns its path."""
-    from safetensors.torch import save_file
+    from dci.files.atomic import write_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tiny_sd15_state_dict(seed), str(tmp), metadata={"purpose": "tiny random SD1.5-architecture test model"})
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, tiny_sd15_state_dict(seed), {"purpose": "tiny random SD1.5-architecture test model"})
 
 
 def _cpu_patcher(model):
@@ -197,32 +193,6 @@ def tiny_sd15_in_memory(seed: int = 0):
                       comfy.sd1_clip.SD1ClipModel, {"clip_l": TINY_CLIP_L}, seed)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="where to write the tiny SD1.5 checkpoint (.safetensors)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if not args.path.endswith(".safetensors"):
-        ap.error("the checkpoint path must end in .safetensors")
-    if Path(args.path).exists():
-        print(f"{args.path} exists; leaving it as it is", file=sys.stderr)
-        return 0
-    write_tiny_sd15_checkpoint(args.path, args.seed)
-    print(args.path)
-    return 0
-
-
-if __name__ == "__main__":
-    comfy_dir = os.environ.get("DCI_COMFYUI_DIR")
-    if not comfy_dir:
-        sys.exit("run through `python3 scripts/host.py python scripts/tiny_models.py PATH`")
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    sys.exit(main())
-
-
 TINY_CLIP_G = {
     "hidden_size": 96,
     "intermediate_size": 192,
@@ -273,3 +243,58 @@ def tiny_sd2_in_memory(seed: int = 0):
     unet = {**TINY_IN_MEMORY_UNET, "model_channels": 64, "use_linear_in_transformer": True}
     return _in_memory(comfy.supported_models.SD20, unet, sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel,
                       {"clip_h": {**TINY_CLIP_L, "num_hidden_layers": 3}}, seed, {"model_name": "clip_h"})
+
+
+def random_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", k: int = 2, scale: float = 0.05,
+                   seed: int = 0, family: str = "sd1"):
+    """A concept for ``model``/``clip`` with random K/V deltas and token rows (no training needed)."""
+    from dci.comfyui.concept import base_fingerprint, base_kv_weights
+    from dci.comfyui.tokenizer import text_encoder_widths
+    from dci.files.concept import Concept
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {key: torch.randn(w.shape, generator=g) * scale for key, w in base_kv_weights(model).items()}
+    tokens = {enc: torch.randn(k, width, generator=g) * 0.02 for enc, width in text_encoder_widths(clip).items()}
+    return Concept(
+        family=family, trigger=trigger, class_noun=class_noun, kv_deltas=deltas, tokens=tokens,
+        base_fingerprint=base_fingerprint(model), method="test", steps=0, training={"note": "random tensors"},
+    )
+
+
+def concepts_folder() -> Path:
+    """The in-process ComfyUI's models/concepts folder."""
+    from dci.comfyui.folders import concepts_folder as folder
+
+    path = folder()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_concept(concept, name: str) -> str:
+    """Save into the in-process concepts folder; returns the name the loader node takes."""
+    from dci.files.concept import save_concept
+
+    return save_concept(concept, concepts_folder(), name, overwrite=True).name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 dev/host.py python -m dev.fixtures PATH``: write the tiny SD1.5 checkpoint to PATH."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="where to write the tiny SD1.5 checkpoint (.safetensors)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not args.path.endswith(".safetensors"):
+        ap.error("the checkpoint path must end in .safetensors")
+    if Path(args.path).exists():
+        print(f"{args.path} exists; leaving it as it is", file=sys.stderr)
+        return 0
+    write_tiny_sd15_checkpoint(args.path, args.seed)
+    print(args.path)
+    return 0
+
+
+if __name__ == "__main__":
+    from . import harness
+
+    harness.configure()
+    sys.exit(main())
