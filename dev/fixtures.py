@@ -277,6 +277,36 @@ def write_concept(concept, name: str) -> str:
     return save_concept(concept, concepts_folder(), name, overwrite=True).name
 
 
+class FixedBlend:
+    """Stand-in DBIM settings whose blend weight is a constant: w = 1 keeps the concept rows' own attention
+    output, w = 0 gives them their auxiliary partner's. Tests force the weight with it."""
+
+    lam = 0.0
+
+    def __init__(self, w: float):
+        self.w = w
+
+    def weights(self, p_c, p_a, **_masks):
+        return torch.full(p_c.shape[:3], self.w, dtype=torch.float32)
+
+
+def dci_sample(model, positive, negative, latent: dict, settings, plan, seed: int = 7, steps: int = 6,
+               cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", denoise: float = 1.0):
+    """What DCI KSampler does, with any DBIM settings (e.g. ``FixedBlend``)."""
+    import comfy.sample
+    import comfy.samplers
+
+    from dci.comfyui.sampling.guider import build_guider
+
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler,
+                                     scheduler=scheduler, denoise=denoise).sigmas
+    guider = build_guider(model, positive, negative, cfg, plan, settings)
+    with torch.inference_mode():
+        return guider.sample(noise, samples, comfy.samplers.sampler_object(sampler), sigmas, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python3 dev/host.py python -m dev.fixtures PATH``: write the tiny SD1.5 checkpoint to PATH."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

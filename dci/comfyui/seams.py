@@ -3,8 +3,12 @@
 Everything else in the pack uses ComfyUI's public node and patching API (``ModelPatcher.clone`` and its
 setters, ``add_wrapper_with_key``, ``add_weight_wrapper``, ``add_patches``, ``get_key_patches``,
 ``CFGGuider``, ``calc_cond_batch``, ``prepare_noise``, ``folder_paths``). The functions below are the only code
-that touches private attributes; each names what it assumes and the test that fails when a ComfyUI update
-breaks it. Check them all after an upgrade (``make test`` runs every guard).
+that touches private attributes; each entry names what it assumes and the test that fails when a ComfyUI
+update breaks it. Check them all after an upgrade (``make test`` runs every guard).
+
+Replaced by public API in 0.1.0: swapping parameters through ``Module._parameters`` (now ``setattr``), the
+guider re-patching its MODEL inside ``sample`` (now patched once; the run travels with each model call), and
+the guider class built by a factory and cached in a global (now a module-level ``CFGGuider`` subclass).
 
 Private attributes, touched only here:
 
@@ -12,14 +16,14 @@ Private attributes, touched only here:
    ``embedding:`` name that this resolver answers with the learned vectors. Guard: tests/nodes/test_concept_loader.py.
 2. ``Tensor.untyped_storage().data_ptr()`` (``storage_key``): the tokenizer output carries row views of our
    vectors; their storage identifies which trigger a vector belongs to (for ``strength_clip``).
-   Guard: test_concept_loader.py (strength of the trigger word).
+   Guard: tests/nodes/test_concept_loader.py (strength of the trigger word).
 3. ``comfy.model_management.current_loaded_models`` and module ``weight_function`` lists (``release``): a
    training clone is unloaded and its weight wrappers taken off the shared modules. ComfyUI only wipes weight
    wrappers when another clone loads, and when a clone is garbage-collected its loaded entry is handed to the
    parent MODEL, which would then sample with the clone's wrappers. Guard: tests/nodes/test_trainer.py.
 4. The ``extra_options`` dict shared by one block's attn2_patch and attn2 replace patch
    (``stash_attn2_context``): the replace patch gets projected K/V only; ``aux_model`` needs the raw context.
-   Guard: test_dci_sampler.py (aux_model tests).
+   Guard: tests/nodes/test_dci_sampler.py (aux_model tests).
 5. The attributes of a CLIP tokenizer (``encoder_tokenizers``): one ``SDTokenizer`` attribute per text encoder
    with an ``embedding_key`` (clip_l, clip_g, clip_h). Guard: every concept and trainer test.
 
@@ -28,15 +32,18 @@ Structure this pack reads (public attributes, but no documented contract):
 6. UNet layout: ``input_blocks``/``middle_block``/``output_blocks`` holding ``SpatialTransformer``s whose
    ``transformer_blocks[i].attn2`` has ``heads``, ``dim_head``, ``to_k``/``to_v`` (``model.cross_attention_layers``);
    ``cond_or_uncond`` lists one chunk per cond and ComfyUI never splits one cond's rows across UNet calls
-   (``method.branches.call_rows``; a call that breaks it runs unblended with a warning). Guard: test_dci_sampler.py.
-7. Model families by config class name (``model.FAMILY_OF_CONFIG``). Guard: test_info_node.py.
+   (``method.branches.call_rows``; a call that breaks it runs unblended with a warning).
+   Guard: tests/nodes/test_dci_branches.py (w = 0 gives each image its own auxiliary row's output).
+7. Model families by config class name (``model.FAMILY_OF_CONFIG``). Guard: tests/nodes/test_info_node.py.
 8. The CLIP text model's modules and options (``training.text_encoder.text_forward``: embeddings, layers,
-   ``layer``/``layer_idx``/``layer_norm_hidden_state``). Guard: test_trainer.py (reproduces CLIPTextEncode).
+   ``layer``/``layer_idx``/``layer_norm_hidden_state``). Guard: tests/nodes/test_trainer.py (reproduces
+   CLIPTextEncode).
 9. ``ResBlock``/``SpatialTransformer`` forward signatures, for gradient checkpointing
-   (``training.unet.gradient_checkpointing``). Guard: test_trainer.py (resume with checkpointing is bit-exact).
+   (``training.unet.gradient_checkpointing``). Guard: tests/nodes/test_trainer.py (resume with
+   checkpointing is bit-exact).
 10. ``prepare_noise`` draws image i's noise as row i of the seed's stream (``sampling.guider.noise_batch_index``).
-    Guard: test_dci_sampler.py (DCI Guider with a batch_index latent).
-11. The stock LoRA loader accepts per-key ``.diff`` entries (export). Guard: test_concept_interop.py.
+    Guard: tests/nodes/test_dci_branches.py (DCI Guider with a batch_index latent).
+11. The stock LoRA loader accepts per-key ``.diff`` entries (export). Guard: tests/nodes/test_concept_interop.py.
 """
 
 from __future__ import annotations

@@ -85,3 +85,14 @@ def test_headless_client_reports_errors_readably(server, tmp_path):
     typo = _client_cli(server, wf, "--set", "3.stepz=3")
     assert typo.returncode == 1 and "has no input 'stepz'" in typo.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_start_log_holds_no_errors_and_no_tracebacks(server):
+    """The database lives in the server's own base folder; a missing torchaudio is one plain line."""
+    log = server.log()
+    start = log[: log.index("Starting server")]
+    for worry in ("Traceback", "Failed to initialize database", "unable to open database", "IMPORT FAILED",
+                  "pip install", "ERROR"):
+        assert worry not in start, worry
+    assert start.count("torchaudio is not installed") == 1
+    assert (server.base / "user" / "comfyui.db").is_file()

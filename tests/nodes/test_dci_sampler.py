@@ -11,7 +11,7 @@ from dci.comfyui.sampling import attention, wrapper
 from dci.comfyui.sampling.guider import build_guider
 from dci.method.branches import DCIPlan
 from dci.method.dbim import DBIMSettings
-from dev.fixtures import random_concept, write_concept
+from dev.fixtures import FixedBlend, dci_sample, random_concept, write_concept
 
 PROMPT = "a photo of sks dog on the beach"
 
@@ -35,19 +35,6 @@ def dci(comfy, args, split=0.3, lam=0.0, aux_map="reference", guidance="shared",
     (out,), _ = comfy.run_node("DCIKSampler", **args, split=split, lam=lam, aux_map=aux_map, guidance=guidance,
                                aux_seed=aux_seed, **advanced)
     return out["samples"]
-
-
-class FixedBlend:
-    """DBIM settings whose blend weight is a constant: w = 1 keeps the concept rows' own attention output,
-    w = 0 gives them the auxiliary rows' output."""
-
-    lam = 0.0
-
-    def __init__(self, w: float):
-        self.w = w
-
-    def weights(self, p_c, p_a, **_masks):
-        return torch.full(p_c.shape[:3], self.w, dtype=torch.float32)
 
 
 def stock(comfy, args):
@@ -106,6 +93,7 @@ def test_two_branches_change_the_result_and_leave_the_input_model_untouched(comf
     outs = {g: dci(comfy, args, split=0.5, lam=1.0, guidance=g) for g in ("shared", "separate")}
     for out in outs.values():
         assert torch.isfinite(out).all() and not torch.equal(out, before)
+        assert (out - before).abs().max() > 1e-3 * before.abs().max()  # a visible change, not rounding
     assert not torch.equal(outs["shared"], outs["separate"])
     assert torch.equal(stock(comfy, args), before)
     assert not any("dci" in str(k) for k in m.model_options.get("transformer_options", {}).get("wrappers", {}))
@@ -143,17 +131,26 @@ def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "heun", "dpm_2", "uni_pc_bh2", "res_multistep"])
-def test_every_kind_of_sampler_runs_with_two_branches(comfy, tiny_sd15, sampler):
+def test_every_kind_of_sampler_blends_reproducibly_with_two_branches(comfy, tiny_sd15, sampler):
+    """Multi-evaluation, ancestral and SDE samplers: the blend changes the image, the same inputs give the same
+    image, and the auxiliary branch's own noise matters (test_dci_branches.py forces the weights)."""
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
-    out = dci(comfy, ksampler_args(m, pos, neg, lat, sampler=sampler, steps=4), split=0.5, lam=0.5)
-    assert torch.isfinite(out).all() and out.shape == lat["samples"].shape
+    args = ksampler_args(m, pos, neg, lat, sampler=sampler, steps=4)
+    out = dci(comfy, args, split=0.5, lam=0.5)
+    assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
+    assert torch.equal(dci(comfy, args, split=0.5, lam=0.5), out)
+    assert not torch.equal(out, stock(comfy, args))
+    assert not torch.equal(dci(comfy, args, split=0.5, lam=0.5, aux_seed=2), out)
 
 
-def test_cfg_one_and_denoise_below_one_run_with_two_branches(comfy, tiny_sd15):
+def test_cfg_one_and_denoise_below_one_blend_and_stay_reproducible(comfy, tiny_sd15):
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
     for kw in ({"cfg": 1.0}, {"denoise": 0.5}):
-        out = dci(comfy, ksampler_args(m, pos, neg, lat, **kw), split=0.5, lam=1.0, aux_map="paper")
-        assert torch.isfinite(out).all(), kw
+        args = ksampler_args(m, pos, neg, lat, **kw)
+        out = dci(comfy, args, split=0.5, lam=1.0, aux_map="paper")
+        assert torch.equal(dci(comfy, args, split=0.5, lam=1.0, aux_map="paper"), out), kw
+        assert not torch.equal(out, stock(comfy, args)), kw
+        assert not torch.equal(out, dci(comfy, args, split=0.5, lam=1.0, aux_map="reference")), kw
 
 
 def test_the_guider_with_sampler_custom_advanced(comfy, tiny_sd15):
@@ -178,12 +175,16 @@ def test_the_guider_with_sampler_custom_advanced(comfy, tiny_sd15):
 
 
 def test_sdxl_family(comfy, tiny_sdxl):
+    """Two text encoders, pooled outputs in the mixed cond: split 0 is the stock sampler, w = 1 the stock
+    sampler up to rounding, and the real blend changes the image."""
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sdxl[:2], family="sdxl")
     args = ksampler_args(m, pos, neg, lat, steps=4)
-    assert torch.equal(dci(comfy, args, split=0.0), stock(comfy, args))
+    plain = stock(comfy, args)
+    assert torch.equal(dci(comfy, args, split=0.0), plain)
     for guidance in ("shared", "separate"):
-        out = dci(comfy, args, split=0.5, lam=1.0, guidance=guidance)
-        assert torch.isfinite(out).all() and not torch.equal(out, stock(comfy, args))
+        forced = dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.5, guidance=guidance), steps=4)
+        torch.testing.assert_close(forced, plain, rtol=1e-4, atol=1e-3 * float(plain.abs().max()))
+        assert not torch.equal(dci(comfy, args, split=0.5, lam=1.0, guidance=guidance), plain)
 
 
 def test_prompt_encode_finds_the_phrase_and_builds_the_auxiliary_prompt(comfy, tiny_sd15):
@@ -214,8 +215,12 @@ def test_long_prompts_spanning_two_chunks(comfy, tiny_sd15):
                                      text="a very detailed scene, " * 20 + "and a photo of sks dog on the beach")
     data = pos[0][1]["dci"]
     assert pos[0][0].shape[1] == 154 and data.concept_mask.shape[0] == 154 and data.concept_mask[77:].any()
-    out = dci(comfy, ksampler_args(m, pos, neg, lat, steps=3), split=0.5, lam=1.0)
-    assert torch.isfinite(out).all()
+    assert not data.concept_mask[:77].any() and data.aux_noun_mask[77:].any()
+    args = ksampler_args(m, pos, neg, lat, steps=3)
+    plain = stock(comfy, args)
+    forced = dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.5), steps=3)
+    torch.testing.assert_close(forced, plain, rtol=1e-4, atol=1e-3 * float(plain.abs().max()))
+    assert not torch.equal(dci(comfy, args, split=0.5, lam=1.0), plain)
 
 
 def test_clear_errors(comfy, tiny_sd15):
