@@ -35,8 +35,9 @@ import numpy as np
 
 from . import harness
 from .grid import labelled_grid
-from .toyworld import fidelity as fid
-from .toyworld.concepts import CONCEPTS, concept_prompt, evaluation_scenes, training_images
+
+# The toy world's dev modules import dci.toyworld, so they are imported after harness.boot() has ComfyUI load
+# the pack (the pack must exist once in this process).
 
 TRIGGER = "sks"
 
@@ -108,6 +109,8 @@ def aux_noun(class_noun: str) -> str:
 
 def pick_scenes(concept, n: int):
     """``n`` evaluation scenes spread evenly over the list (which is ordered by position, then background)."""
+    from .toyworld.concepts import evaluation_scenes
+
     scenes = evaluation_scenes(concept)
     if n >= len(scenes):
         return scenes
@@ -153,6 +156,8 @@ class Bench:
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     def score(self, method: str, name: str, concept, prompt: str, images: np.ndarray) -> None:
+        from .toyworld import fidelity as fid
+
         meter = self._meters.setdefault(name, fid.FidelityMeter(concept))
         for img in images:
             self.records.append({
@@ -165,6 +170,8 @@ class Bench:
     def train(self, mode: str, name: str, concept):
         import torch
 
+        from .toyworld.concepts import training_images
+
         images = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
         t0 = time.perf_counter()
         model, clip, ref, _ = self.run(
@@ -176,6 +183,8 @@ class Bench:
 
     def run_all(self) -> None:
         from dci.toyworld.render import caption
+
+        from .toyworld.concepts import CONCEPTS, concept_prompt
 
         a = self.args
         names = (list(CONCEPTS)[: int(a.concepts)] if a.concepts.isdigit()
