@@ -43,7 +43,7 @@ Structure this pack reads (public attributes, but no documented contract):
    checkpointing is bit-exact).
 10. ``prepare_noise`` draws image i's noise as row i of the seed's stream (``sampling.guider.noise_batch_index``).
     Guard: tests/nodes/test_dci_branches.py (DCI Guider with a batch_index latent).
-11. The stock LoRA loader accepts per-key ``.diff`` entries (export). Guard: tests/nodes/test_concept_interop.py.
+11. The stock LoRA loader accepts per-key ``.diff`` entries (export). Guard: tests/nodes/test_import_export.py.
 """
 
 from __future__ import annotations
