@@ -1,6 +1,6 @@
-# The project's commands. Each one sets up what it needs (a cached ComfyUI 0.3.75 host, see scripts/host.py).
+# The project's commands. Each one sets up what it needs (a cached ComfyUI 0.3.75 host, see dev/host.py).
 PYTHON ?= python3
-HOST := $(PYTHON) scripts/host.py
+HOST := $(PYTHON) dev/host.py
 PYTEST_ARGS ?=
 
 .PHONY: setup test lint demo serve bench-dci bench-train browser-setup
@@ -23,17 +23,17 @@ test: lint browser-setup  ## the whole test suite against the real ComfyUI (unit
 	$(HOST) python -m pytest $(PYTEST_ARGS)
 
 demo: setup  ## the main job, headless through a real ComfyUI server; prints where the outputs are
-	$(HOST) python scripts/demo.py
+	$(HOST) python -m dev.demo
 
 serve: setup  ## ComfyUI with this pack on 127.0.0.1:$${PORT:-8188}; extra flags in COMFY_ARGS
 	$(HOST) serve
 
 bench-dci: setup  ## DCI KSampler vs stock KSampler: time and peak-memory ratios (prints key=value lines last)
-	$(HOST) python scripts/bench_dci.py
+	$(HOST) python -m dev.bench_dci
 
 .PHONY: bench-quality
 bench-quality: setup  ## fidelity, editability and prompt accuracy of base / Custom Diffusion / ICO, plain and DCI sampling, on the toy model (key=value lines last; BENCH_ARGS for options)
-	$(HOST) python scripts/bench_quality.py $(BENCH_ARGS)
+	$(HOST) python -m dev.bench_quality $(BENCH_ARGS)
 
 bench-train: setup  ## DCI Train Concept (ico) vs ComfyUI's Train LoRA: seconds per step and peak-memory ratios (key=value lines last)
-	$(HOST) python scripts/bench_train.py
+	$(HOST) python -m dev.bench_train

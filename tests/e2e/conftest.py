@@ -1,6 +1,6 @@
 """A real ComfyUI server (``main.py --cpu``) with this pack, on a free loopback port, per test module.
 
-Started with the same command line as ``make serve`` (``scripts/host.py``) but a temporary base directory;
+Started with the same command line as ``make serve`` (``dev/host.py``) but a temporary base directory;
 always stopped, even when a test fails. Its log is kept in ``test-artifacts/``.
 """
 
@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from comfy_server import ComfyServer
+
+from dev.comfy_server import ComfyServer
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 

@@ -7,7 +7,7 @@ node is flagged with errors, the widget values the front end holds equal the fil
 own UI→API conversion (``app.graphToPrompt()``) equals the API twin in ``workflows/api/`` that we ship.
 A screenshot of each graph goes to ``test-artifacts/browser/<workflow>.png``.
 
-The browser is Debian's Chromium, driven over the DevTools protocol (``scripts/browser.py``); ``make test``
+The browser is Debian's Chromium, driven over the DevTools protocol (``dev/browser.py``); ``make test``
 installs it where it can. Without it, these tests skip.
 """
 
@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 import pytest
-from browser import Chromium, find_chromium
+
+from dev.browser import Chromium, find_chromium
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from concept_fixtures import random_concept
 
-from dci_core.concept_format import save_concept
+from dci.files.concept import save_concept
+from dev.fixtures import random_concept
 
 pytestmark = pytest.mark.e2e
 

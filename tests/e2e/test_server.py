@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from comfy_client import ComfyError
+
+from dev.comfy_client import ComfyError
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +59,7 @@ def _client_cli(server, *args):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "comfy_client.py"
+    script = Path(__file__).resolve().parents[2] / "dev" / "comfy_client.py"
     return subprocess.run([sys.executable, str(script), "--server", server.url, *args],
                           capture_output=True, text=True, timeout=300)
 
@@ -84,3 +85,14 @@ def test_headless_client_reports_errors_readably(server, tmp_path):
     typo = _client_cli(server, wf, "--set", "3.stepz=3")
     assert typo.returncode == 1 and "has no input 'stepz'" in typo.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_start_log_holds_no_errors_and_no_tracebacks(server):
+    """The database lives in the server's own base folder; a missing torchaudio is one plain line."""
+    log = server.log()
+    start = log[: log.index("Starting server")]
+    for worry in ("Traceback", "Failed to initialize database", "unable to open database", "IMPORT FAILED",
+                  "pip install", "ERROR"):
+        assert worry not in start, worry
+    assert start.count("torchaudio is not installed") == 1
+    assert (server.base / "user" / "comfyui.db").is_file()

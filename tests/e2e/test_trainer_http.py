@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dci_core.concept_format import TRAIN_STATE_SUFFIX, load_concept
+from dci.files.concept import TRAIN_STATE_SUFFIX, load_concept
 
 pytestmark = pytest.mark.e2e
 

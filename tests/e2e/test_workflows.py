@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from workflow_ui import api_to_ui, ui_to_api
+
+from dev.workflow_ui import api_to_ui, ui_to_api
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
 
-from dci_core import comfy_concept
+from dci.comfyui.concept import base_kv_weights, kv_weight_keys
+from dev.fixtures import random_concept, write_concept
 
 
 def encode(comfy, clip, text):
@@ -34,7 +34,7 @@ def loaded_weights(model) -> dict[str, torch.Tensor]:
 
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     sd = model.model.state_dict()
-    return {k: sd[k].detach().clone() for k in comfy_concept.kv_weight_keys(model)}
+    return {k: sd[k].detach().clone() for k in kv_weight_keys(model)}
 
 
 @pytest.fixture()
@@ -47,7 +47,7 @@ def setup(comfy, tiny_sd15):
 
 def test_patched_kv_equal_base_plus_strength_times_delta(setup):
     comfy, model, clip, concept, name = setup
-    base = {k: v.clone() for k, v in comfy_concept.base_kv_weights(model).items()}
+    base = {k: v.clone() for k, v in base_kv_weights(model).items()}
     (m2, c2, ref), _ = comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name,
                                       strength_model=0.7, strength_clip=1.0)
     patched = loaded_weights(m2)
@@ -107,7 +107,7 @@ def test_loaders_chain_with_distinct_triggers_and_deltas_add(setup):
                                     strength_model=1.0, strength_clip=1.0)
     (m2, c2, ref2), _ = comfy.run_node("DCILoadConcept", model=m1, clip=c1, concept_name=name2,
                                        strength_model=1.0, strength_clip=1.0)
-    base = comfy_concept.base_kv_weights(model)
+    base = base_kv_weights(model)
     patched = loaded_weights(m2)
     key = next(iter(base))
     torch.testing.assert_close(patched[key], base[key] + concept.kv_deltas[key] + other.kv_deltas[key], rtol=0, atol=1e-6)
@@ -187,7 +187,7 @@ def test_bad_inputs(setup):
 
 
 def test_sd2_family_loads_its_concept_and_refuses_an_sd1_one(comfy, tiny_sd15):
-    from tiny_models import tiny_sd2_in_memory
+    from dev.fixtures import tiny_sd2_in_memory
 
     model, clip, _ = tiny_sd2_in_memory()
     (text,), _ = comfy.run_node("DCIModelInfo", model=model, clip=clip)

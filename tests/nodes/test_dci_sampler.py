@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
+
+from dci.comfyui.concept import base_kv_weights
+from dci.comfyui.model import cross_attention_layers
+from dci.comfyui.sampling import attention, wrapper
+from dci.comfyui.sampling.guider import build_guider
+from dci.method.branches import DCIPlan
+from dci.method.dbim import DBIMSettings
+from dev.fixtures import FixedBlend, dci_sample, random_concept, write_concept
 
 PROMPT = "a photo of sks dog on the beach"
 
@@ -56,14 +63,12 @@ def test_split_zero_with_denoise_below_one_and_cfg_one(comfy, tiny_sd15):
 def test_blend_weight_one_leaves_the_concept_branch_unaffected_by_the_auxiliary_branch(comfy, tiny_sd15, guidance):
     """With w forced to 1 the concept rows never take the auxiliary output: another auxiliary noun or seed
     changes nothing, and the result matches plain sampling up to batched-arithmetic rounding."""
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    dbim = comfy.pack_module("dci_core.dbim")
     import comfy.samplers as samplers
 
     def run(aux_noun, aux_seed):
         m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2], aux=aux_noun)
-        plan = comfy_dci.DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
-        guider = comfy_dci.build_guider(m, pos, neg, 5.0, plan, dbim.DBIMSettings(), blend_override=1.0)
+        plan = DCIPlan(split=0.5, guidance=guidance, aux_seed=aux_seed)
+        guider = build_guider(m, pos, neg, 5.0, plan, FixedBlend(1.0))
         noise = torch.randn(lat["samples"].shape, generator=torch.Generator().manual_seed(3))
         ks = samplers.KSampler(m, steps=6, device=m.load_device, sampler="euler", scheduler="normal")
         with torch.inference_mode():
@@ -88,24 +93,24 @@ def test_two_branches_change_the_result_and_leave_the_input_model_untouched(comf
     outs = {g: dci(comfy, args, split=0.5, lam=1.0, guidance=g) for g in ("shared", "separate")}
     for out in outs.values():
         assert torch.isfinite(out).all() and not torch.equal(out, before)
+        assert (out - before).abs().max() > 1e-3 * before.abs().max()  # a visible change, not rounding
     assert not torch.equal(outs["shared"], outs["separate"])
     assert torch.equal(stock(comfy, args), before)
     assert not any("dci" in str(k) for k in m.model_options.get("transformer_options", {}).get("wrappers", {}))
 
 
 def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
     m, c, pos, neg, lat2 = dci_inputs(comfy, *tiny_sd15[:2], batch=2)
     seen = []
-    original = comfy_dci.DBIMPatch.__call__
+    original = attention.DBIMPatch.__call__
 
     def recording(self, q, k, v, extra_options):
-        rows = extra_options.get(comfy_dci.ROWS_KEY)
+        rows = extra_options.get(attention.ROWS_KEY)
         if rows is not None:
             seen.append((rows[0].tolist(), rows[1].tolist(), q.shape[0]))
         return original(self, q, k, v, extra_options)
 
-    comfy_dci.DBIMPatch.__call__ = recording
+    attention.DBIMPatch.__call__ = recording
     try:
         for guidance, rows_per_call in (("shared", 6), ("separate", 8)):
             seen.clear()
@@ -116,7 +121,7 @@ def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
                 assert [a - cr for cr, a in zip(c_rows, a_rows, strict=True)] == [2, 2]  # image k with aux row B + k
                 assert c_rows[1] == c_rows[0] + 1
     finally:
-        comfy_dci.DBIMPatch.__call__ = original
+        attention.DBIMPatch.__call__ = original
     # image 0 of a batch of two equals image 0 sampled alone (same noise through batch_index)
     lat1 = {"samples": lat2["samples"][:1], "batch_index": [0]}
     lat2i = {"samples": lat2["samples"], "batch_index": [0, 1]}
@@ -126,17 +131,26 @@ def test_batch_rows_pair_only_with_their_own_auxiliary_row(comfy, tiny_sd15):
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "heun", "dpm_2", "uni_pc_bh2", "res_multistep"])
-def test_every_kind_of_sampler_runs_with_two_branches(comfy, tiny_sd15, sampler):
+def test_every_kind_of_sampler_blends_reproducibly_with_two_branches(comfy, tiny_sd15, sampler):
+    """Multi-evaluation, ancestral and SDE samplers: the blend changes the image, the same inputs give the same
+    image, and the auxiliary branch's own noise matters (test_dci_branches.py forces the weights)."""
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
-    out = dci(comfy, ksampler_args(m, pos, neg, lat, sampler=sampler, steps=4), split=0.5, lam=0.5)
-    assert torch.isfinite(out).all() and out.shape == lat["samples"].shape
+    args = ksampler_args(m, pos, neg, lat, sampler=sampler, steps=4)
+    out = dci(comfy, args, split=0.5, lam=0.5)
+    assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
+    assert torch.equal(dci(comfy, args, split=0.5, lam=0.5), out)
+    assert not torch.equal(out, stock(comfy, args))
+    assert not torch.equal(dci(comfy, args, split=0.5, lam=0.5, aux_seed=2), out)
 
 
-def test_cfg_one_and_denoise_below_one_run_with_two_branches(comfy, tiny_sd15):
+def test_cfg_one_and_denoise_below_one_blend_and_stay_reproducible(comfy, tiny_sd15):
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
     for kw in ({"cfg": 1.0}, {"denoise": 0.5}):
-        out = dci(comfy, ksampler_args(m, pos, neg, lat, **kw), split=0.5, lam=1.0, aux_map="paper")
-        assert torch.isfinite(out).all(), kw
+        args = ksampler_args(m, pos, neg, lat, **kw)
+        out = dci(comfy, args, split=0.5, lam=1.0, aux_map="paper")
+        assert torch.equal(dci(comfy, args, split=0.5, lam=1.0, aux_map="paper"), out), kw
+        assert not torch.equal(out, stock(comfy, args)), kw
+        assert not torch.equal(out, dci(comfy, args, split=0.5, lam=1.0, aux_map="reference")), kw
 
 
 def test_the_guider_with_sampler_custom_advanced(comfy, tiny_sd15):
@@ -161,12 +175,16 @@ def test_the_guider_with_sampler_custom_advanced(comfy, tiny_sd15):
 
 
 def test_sdxl_family(comfy, tiny_sdxl):
+    """Two text encoders, pooled outputs in the mixed cond: split 0 is the stock sampler, w = 1 the stock
+    sampler up to rounding, and the real blend changes the image."""
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sdxl[:2], family="sdxl")
     args = ksampler_args(m, pos, neg, lat, steps=4)
-    assert torch.equal(dci(comfy, args, split=0.0), stock(comfy, args))
+    plain = stock(comfy, args)
+    assert torch.equal(dci(comfy, args, split=0.0), plain)
     for guidance in ("shared", "separate"):
-        out = dci(comfy, args, split=0.5, lam=1.0, guidance=guidance)
-        assert torch.isfinite(out).all() and not torch.equal(out, stock(comfy, args))
+        forced = dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.5, guidance=guidance), steps=4)
+        torch.testing.assert_close(forced, plain, rtol=1e-4, atol=1e-3 * float(plain.abs().max()))
+        assert not torch.equal(dci(comfy, args, split=0.5, lam=1.0, guidance=guidance), plain)
 
 
 def test_prompt_encode_finds_the_phrase_and_builds_the_auxiliary_prompt(comfy, tiny_sd15):
@@ -197,8 +215,12 @@ def test_long_prompts_spanning_two_chunks(comfy, tiny_sd15):
                                      text="a very detailed scene, " * 20 + "and a photo of sks dog on the beach")
     data = pos[0][1]["dci"]
     assert pos[0][0].shape[1] == 154 and data.concept_mask.shape[0] == 154 and data.concept_mask[77:].any()
-    out = dci(comfy, ksampler_args(m, pos, neg, lat, steps=3), split=0.5, lam=1.0)
-    assert torch.isfinite(out).all()
+    assert not data.concept_mask[:77].any() and data.aux_noun_mask[77:].any()
+    args = ksampler_args(m, pos, neg, lat, steps=3)
+    plain = stock(comfy, args)
+    forced = dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.5), steps=3)
+    torch.testing.assert_close(forced, plain, rtol=1e-4, atol=1e-3 * float(plain.abs().max()))
+    assert not torch.equal(dci(comfy, args, split=0.5, lam=1.0), plain)
 
 
 def test_clear_errors(comfy, tiny_sd15):
@@ -228,24 +250,21 @@ def test_a_call_without_whole_branch_pairs_falls_back_and_warns_once(comfy, capl
     without the blend (never mixing wrong rows) and one warning says so."""
     import logging
 
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    dbim = comfy.pack_module("dci_core.dbim")
-    state = comfy_dci.DCIState(dbim.DBIMSettings(), data=None, context_length=77)
-    wrapper = comfy_dci.make_apply_model_wrapper(state)
+    run = attention.DCIRun(DBIMSettings(), data=None, context_length=77)
     seen = []
 
     def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         seen.append(transformer_options)
         return x * 2
 
-    info = comfy_dci.StepInfo(mixed_index=0, uncond_index=1, batch=2, shared=True)
+    info = wrapper.StepInfo(run=run, mixed_index=0, uncond_index=1, batch=2, shared=True)
     x = torch.randn(6, 4, 8, 8)  # 3 chunks of 2 rows: not whole pairs of a batch of 2 images
-    options = {comfy_dci.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
+    options = {attention.STEP_KEY: info, "cond_or_uncond": [0, 1, 1]}
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
-            out = wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
+            out = wrapper.apply_model_wrapper(executor, x, torch.ones(6), None, torch.randn(6, 77, 8), None, options)
             assert torch.equal(out, x * 2)
-    assert all(comfy_dci.ROWS_KEY not in o for o in seen)
+    assert all(attention.ROWS_KEY not in o for o in seen)
     assert caplog.text.count("did not contain whole branch pairs") == 1
 
 
@@ -253,14 +272,12 @@ def test_aux_model_gives_the_auxiliary_branch_that_models_keys_and_values(comfy,
     """aux_model: the auxiliary rows' K/V come from another MODEL (here the base model before the concept):
     its weights are read with its own patches applied, the concept model itself reproduces the default run,
     the base model changes the result, and neither input model is left patched."""
-    comfy_dci = comfy.pack_module("dci_core.comfy_dci")
-    comfy_concept = comfy.pack_module("dci_core.comfy_concept")
     base = tiny_sd15[0]
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
-    own = comfy_concept.base_kv_weights(base)
-    layers = {layer.patch_key: layer for layer in comfy.pack_module("dci_core.comfy_model").cross_attention_layers(m)}
-    from_base = comfy_dci.aux_kv_weights(base, m)
-    from_concept = comfy_dci.aux_kv_weights(m, m)
+    own = base_kv_weights(base)
+    layers = {layer.patch_key: layer for layer in cross_attention_layers(m)}
+    from_base = attention.aux_kv_weights(base, m)
+    from_concept = attention.aux_kv_weights(m, m)
     assert from_base.keys() == layers.keys()
     for key, (wk, wv) in from_base.items():
         prefix = layers[key].weight_prefix

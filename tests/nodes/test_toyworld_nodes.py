@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from concept_fixtures import random_concept, write_concept
 
-from dci_core.toyworld import model as toy_model
-from dci_core.toyworld import render
+from dci.toyworld import model as toy_model
+from dci.toyworld import render
+from dev.fixtures import random_concept, write_concept
 
 SMALL_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
               "projection_dim": 32}
@@ -116,7 +116,7 @@ def test_bundled_model_generates_the_asked_background_and_position(comfy):
     the same seeds, four prompts that differ only in background and position words."""
     import numpy as np
 
-    from dci_core.toyworld import metrics
+    from dev.toyworld import metrics
 
     (model, clip, vae), _ = comfy.run_node("DCIToyWorldLoader", model_name="toyworld_base.safetensors")
     (neg,), _ = comfy.run_node("CLIPTextEncode", clip=clip, text="")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "toyworld" / "train_base.py"
+SCRIPT = REPO / "dev" / "toyworld" / "train_base.py"
 SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4",
          "--ckpt-minutes", "60"]
 
@@ -52,7 +52,7 @@ def test_writes_a_loadable_model_with_its_recipe(runs):
     assert "wrote" in first
     assert "text step 3/3" in first
     assert meta["toyworld.text_steps"] == "3" and meta["toyworld.text_aux"] == "0.1"
-    from dci_core.toyworld.model import load_toyworld
+    from dci.toyworld.model import load_toyworld
 
     model, clip, vae = load_toyworld(out)
     assert model.model.model_config.__class__.__name__ == "SD15"
@@ -71,7 +71,7 @@ def test_resumes_into_the_layout_phase(runs):
     assert metadata(root / "resumed" / "unet_ckpt.safetensors")["opt_format"] == "2"
     import comfy.model_sampling
 
-    from dci_core.toyworld.model import load_toyworld
+    from dci.toyworld.model import load_toyworld
 
     model, _, _ = load_toyworld(root / "b.safetensors")
     sampling = model.get_model_object("model_sampling")

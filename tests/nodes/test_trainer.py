@@ -9,10 +9,16 @@ import logging
 
 import pytest
 import torch
-from concept_fixtures import concepts_folder, random_concept, write_concept
 
-from dci_core import comfy_concept, comfy_model, comfy_training, ico
-from dci_core.concept_format import TRAIN_STATE_SUFFIX, load_concept
+from dci.comfyui.concept import kv_weight_keys
+from dci.comfyui.model import cross_attention_layers
+from dci.comfyui.tokenizer import add_trigger, existing_triggers
+from dci.comfyui.training.loop import train_concept
+from dci.comfyui.training.settings import TrainingError, TrainSettings
+from dci.comfyui.training.text_encoder import TextEncoder
+from dci.files.concept import TRAIN_STATE_SUFFIX, load_concept
+from dci.method import ico
+from dev.fixtures import concepts_folder, random_concept, write_concept
 
 BASE = dict(class_noun="dog", trigger_word="qxz", num_tokens=2, mode="ico", prefix_context="photo of a",
             suffix_context=".", steps=2, batch_size=1, learning_rate=1e-4, context_lr_multiplier=10.0,
@@ -23,7 +29,7 @@ BASE = dict(class_noun="dog", trigger_word="qxz", num_tokens=2, mode="ico", pref
 @pytest.fixture()
 def setup(comfy):
     """MODEL, CLIP, VAE built under inference mode, as a loader node would build them."""
-    from tiny_models import tiny_sd15_in_memory
+    from dev.fixtures import tiny_sd15_in_memory
 
     with torch.inference_mode():
         model, clip, vae = tiny_sd15_in_memory(seed=0)
@@ -39,16 +45,16 @@ def train(comfy, model, clip, vae, images, name, **overrides):
 
 
 def direct(model, clip, vae, images, name, on_step=None, **overrides):
-    """comfy_training.train_concept as the node calls it (under inference mode), for the loss history."""
+    """train_concept as the node calls it (under inference mode), for the loss history."""
     inputs = {**BASE, **overrides}
-    settings = comfy_training.TrainSettings(
+    settings = TrainSettings(
         class_noun=inputs["class_noun"], trigger=inputs["trigger_word"], num_tokens=inputs["num_tokens"],
         mode=inputs["mode"], prefix=inputs["prefix_context"], suffix=inputs["suffix_context"], steps=inputs["steps"],
         batch_size=inputs["batch_size"], learning_rate=inputs["learning_rate"], resolution=inputs["resolution"],
         seed=inputs["seed"], random_flip=inputs["random_flip"], checkpoint_every=inputs["checkpoint_every"],
         gradient_checkpointing=inputs["gradient_checkpointing"], precision=inputs["precision"])
     with torch.inference_mode():
-        return comfy_training.train_concept(model, clip, vae, images, settings, concepts_folder(), name,
+        return train_concept(model, clip, vae, images, settings, concepts_folder(), name,
                                             overwrite=inputs["overwrite"], resume=inputs["resume"], on_step=on_step)
 
 
@@ -72,8 +78,8 @@ def test_trains_exactly_kv_tokens_and_contexts_and_leaves_the_inputs_untouched(s
     options = copy.deepcopy(model.model_options)
     m, c, ref, curve, concept = train(comfy, model, clip, vae, images, "t_what_trains")
 
-    kv_keys = set(comfy_concept.kv_weight_keys(model))
-    assert set(concept.kv_deltas) == kv_keys and len(kv_keys) == 2 * len(comfy_model.cross_attention_layers(model))
+    kv_keys = set(kv_weight_keys(model))
+    assert set(concept.kv_deltas) == kv_keys and len(kv_keys) == 2 * len(cross_attention_layers(model))
     assert all(d.abs().max() > 0 for d in concept.kv_deltas.values())
     assert not torch.equal(concept.tokens["clip_l"], concept.token_init["clip_l"])
     assert concept.contexts["clip_l.prefix"].shape == (2, 3, 64)  # "photo of a": 3 BPE tokens per image
@@ -87,7 +93,7 @@ def test_trains_exactly_kv_tokens_and_contexts_and_leaves_the_inputs_untouched(s
     assert all(torch.equal(v, te[k]) for k, v in clip.cond_stage_model.state_dict().items())
     assert all(torch.equal(v, ae[k]) for k, v in vae.first_stage_model.state_dict().items())
     assert model.patches == {} and model.model_options == options and model.weight_wrapper_patches == {}
-    assert comfy_concept.existing_triggers(clip) == []
+    assert existing_triggers(clip) == [] and existing_triggers(c) == ["qxz"]
     assert all(not getattr(mod, "weight_function", []) for mod in model.model.modules())
     assert torch.equal(sample(comfy, model, clip), before)
     trained = sample(comfy, m, c)
@@ -101,7 +107,7 @@ def test_trains_exactly_kv_tokens_and_contexts_and_leaves_the_inputs_untouched(s
 def test_training_text_forward_reproduces_clip_text_encode(setup):
     """The caption assembled in token space and run by the trainer = CLIPTextEncode of the same words."""
     comfy, model, clip, vae, images = setup
-    text = comfy_training.TextEncoder(clip)
+    text = TextEncoder(clip)
     rows = text.vocabulary_rows(ico.RARE_TOKEN_WORDS[:2]).detach()
     prefix = text.word_entries("photo of a", "prefix")
     suffix = text.word_entries(".", "suffix")
@@ -111,7 +117,7 @@ def test_training_text_forward_reproduces_clip_text_encode(setup):
         text.prepare()
         ours = text.encode(text.embed([ico.caption_entries(text.special, text.embed([prefix])[0], rows, dog,
                                                            text.embed([suffix])[0])]))
-    patched = comfy_concept.add_trigger(clip, "qxz", {"clip_l": rows})
+    patched = add_trigger(clip, "qxz", {"clip_l": rows})
     (cond,), _ = comfy.run_node("CLIPTextEncode", clip=patched, text="photo of a qxz dog.")
     torch.testing.assert_close(ours, cond[0][0], rtol=0, atol=1e-6)
 
@@ -169,7 +175,7 @@ def test_resume_after_an_interrupt_or_a_crash_is_bit_exact(setup):
             a, b = getattr(full.concept, part), getattr(resumed.concept, part)
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), (name, part)
     # other settings can't resume it
-    with pytest.raises(comfy_training.TrainingError, match="seed"):
+    with pytest.raises(TrainingError, match="seed"):
         direct(model, clip, vae, images, "t_crashed", steps=6, resume=True, seed=1)
 
 
@@ -240,7 +246,7 @@ def test_trigger_collision_and_existing_file_are_refused(setup, caplog):
 
 def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup):
     comfy, model, clip, vae, images = setup
-    layer = comfy_concept.kv_weight_keys(model)[0].replace("to_k.weight", "to_out.0.weight")
+    layer = kv_weight_keys(model)[0].replace("to_k.weight", "to_out.0.weight")
     with torch.inference_mode():
         dict(model.model.named_parameters())[layer].fill_(float("nan"))
     with pytest.raises(ValueError, match="loss became nan at step 1"):
@@ -251,7 +257,7 @@ def test_nan_loss_stops_with_a_clear_error_and_writes_nothing(setup):
 def test_sd2_family_trains_clip_h_tokens_and_contexts(comfy):
     """SD2.x: the text encoder is ComfyUI's clip_h; tokens and contexts are trained and saved for it, and the
     trained concept loads back through DCI Load Concept."""
-    from tiny_models import tiny_sd2_in_memory
+    from dev.fixtures import tiny_sd2_in_memory
 
     with torch.inference_mode():
         model, clip, vae = tiny_sd2_in_memory(seed=0)

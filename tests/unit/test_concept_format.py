@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dci_core.concept_format import (
+from dci.files.concept import (
     Concept,
     ConceptFileError,
     load_concept,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dci_core.dbim import (
+from dci.method.dbim import (
     REFERENCE_PIXELS,
     DBIMSettings,
     attention_probs,
@@ -168,7 +168,7 @@ def test_masks_broadcast_from_one_dimension() -> None:
 
 
 def test_pixel_count_is_resolution_independent_and_equals_reference_at_64x64() -> None:
-    from dci_core.dbim import NORMALIZATIONS
+    from dci.method.dbim import NORMALIZATIONS
 
     gen = torch.Generator().manual_seed(3)
     for n in (64, 256, 1024, 4096):

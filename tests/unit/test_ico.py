@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dci_core import ico
+from dci.method import ico
 
 SPECIAL = ico.SpecialTokens(start=1, end=2, pad=0, length=12)
 WIDTH = 8

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dci_core.token_spans import (
+from dci.method.token_spans import (
     SpecialTokens,
     TokenSpan,
     chunk_masks,
@@ -118,7 +118,7 @@ def test_replace_phrase_whole_words_only() -> None:
 COMFYUI_DIR = Path(os.environ.get("DCI_COMFYUI_DIR", "/tmp/ctest/ComfyUI"))
 needs_comfy = pytest.mark.skipif(
     not (COMFYUI_DIR / "comfy" / "sd1_clip.py").is_file(),
-    reason=f"no ComfyUI tree at {COMFYUI_DIR} (set DCI_COMFYUI_DIR or build it with scripts/host.py)",
+    reason=f"no ComfyUI tree at {COMFYUI_DIR} (set DCI_COMFYUI_DIR or build it with dev/host.py)",
 )
 
 
@@ -161,7 +161,7 @@ def _decoded(tokenizer, located, encoder: str = "l") -> list[str]:
     ],
 )
 def test_real_tokenizer_start_middle_end_and_weights(sd1, prompt: str, start: int) -> None:
-    from dci_core.comfy_tokens import locate_phrase
+    from dci.comfyui.phrase import locate_phrase
 
     located = locate_phrase(sd1, prompt, "sks dog")
     r = located["l"]
@@ -175,7 +175,7 @@ def test_real_tokenizer_start_middle_end_and_weights(sd1, prompt: str, start: in
 
 @needs_comfy
 def test_real_tokenizer_repeated_words(sd1) -> None:
-    from dci_core.comfy_tokens import locate_phrase
+    from dci.comfyui.phrase import locate_phrase
 
     r = locate_phrase(sd1, "sks dog and another dog next to sks dog", "sks dog")["l"]
     assert r.occurrences == 2
@@ -186,7 +186,7 @@ def test_real_tokenizer_repeated_words(sd1) -> None:
 
 @needs_comfy
 def test_real_tokenizer_phrase_absent(sd1) -> None:
-    from dci_core.comfy_tokens import locate_phrase
+    from dci.comfyui.phrase import locate_phrase
 
     with pytest.raises(ValueError, match="not found in the tokens"):
         locate_phrase(sd1, "a photo of a cat", "sks dog")
@@ -196,7 +196,7 @@ def test_real_tokenizer_phrase_absent(sd1) -> None:
 
 @needs_comfy
 def test_real_tokenizer_punctuation_merged_at_the_boundary(sd1) -> None:
-    from dci_core.comfy_tokens import locate_phrase
+    from dci.comfyui.phrase import locate_phrase
 
     # Alone, "dog." is `dog .`; inside "dog.," CLIP merges the punctuation into one `.,` token.
     assert _ids(sd1, "dog.,")[2] != _ids(sd1, "dog.")[2]
@@ -211,7 +211,7 @@ def test_real_tokenizer_punctuation_merged_at_the_boundary(sd1) -> None:
 
 @needs_comfy
 def test_real_tokenizer_long_prompt_spans_carry_the_chunk(sd1) -> None:
-    from dci_core.comfy_tokens import locate_phrase
+    from dci.comfyui.phrase import locate_phrase
 
     filler = " ".join(["a"] * 80)
     r = locate_phrase(sd1, f"{filler} sks dog", "sks dog")["l"]
@@ -226,7 +226,7 @@ def test_real_tokenizer_long_prompt_spans_carry_the_chunk(sd1) -> None:
 
 @needs_comfy
 def test_sdxl_encoders_agree_and_a_clip_object_works(comfy_tokenizers) -> None:
-    from dci_core.comfy_tokens import locate_phrase, shared_context_masks
+    from dci.comfyui.phrase import locate_phrase, shared_context_masks
 
     sdxl = comfy_tokenizers[1]
     located = locate_phrase(sdxl, "a photo of sks dog on a beach!", "sks dog")

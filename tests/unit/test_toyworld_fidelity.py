@@ -16,9 +16,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dci_core.toyworld import fidelity as fid
-from dci_core.toyworld.concepts import CONCEPTS, concept_colours, concept_prompt, evaluation_scenes
-from dci_core.toyworld.render import (
+from dev.toyworld import fidelity as fid
+from dev.toyworld.concepts import CONCEPTS, concept_colours, concept_prompt, evaluation_scenes
+from dci.toyworld.render import (
     EMBLEM_PLACES,
     EMBLEM_SCALES,
     IMAGE_SIZE,
@@ -122,7 +122,7 @@ def test_committed_concept_renders_are_the_training_renders():
 
     from PIL import Image
 
-    from dci_core.toyworld.concepts import training_images
+    from dev.toyworld.concepts import training_images
 
     folder = Path(__file__).resolve().parents[2] / "assets" / "toyworld" / "concepts"
     for name, concept in CONCEPTS.items():

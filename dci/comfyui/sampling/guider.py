@@ -1,0 +1,151 @@
+"""The DCI guider: a CFGGuider that runs the auxiliary branch beside the concept branch in the early steps.
+
+How the two branches run in one UNet call, with any ComfyUI sampler:
+
+* The sampler gets 2B latent rows: B concept latents (the seed's noise), then B auxiliary latents (their own
+  seed's noise, drawn for the same images: ``noise_batch_index``).
+* During the first ``split`` of the schedule, ``predict_noise`` calls ComfyUI's ``calc_cond_batch`` with two
+  conds: the negative (all 2B rows) and one *mixed* positive whose context holds the concept prompt for the
+  concept rows and the auxiliary prompt for the auxiliary rows. ComfyUI never splits one cond's rows across
+  UNet calls, so every concept row meets its partner in the same call. The call carries a ``StepInfo`` in
+  ``transformer_options``, which the MODEL's DCI patches (``wrapper.patch_model``, put on once when the guider
+  is built) read; nothing is re-patched while sampling.
+* After the split the auxiliary half is frozen (its denoised output is its input) and the concept half is
+  sampled exactly as ``CFGGuider`` samples it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import comfy.sample
+import comfy.samplers
+import torch
+
+from ...method.branches import DCIPlan, split_sigma
+from ...method.dbim import DBIMSettings
+from .attention import STEP_KEY, DCIRun, aux_kv_weights
+from .prompt import dci_prompt_of, mixed_positive
+from .wrapper import StepInfo, patch_model
+
+MIXED_COND = "dci_mixed"  # the guider's extra cond: concept and auxiliary contexts in one
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """The two-branch phase of the current ``sample`` call."""
+
+    run: DCIRun
+    batch: int
+    threshold: float  # model calls at a sigma above this run both branches
+
+
+def noise_batch_index(noise: torch.Tensor, latent: torch.Tensor, seed: int | None,
+                      limit: int = 512) -> list[int] | None:
+    """The latent's ``batch_index``, read back from the noise that was drawn for it.
+
+    SamplerCustomAdvanced hands a guider the noise and its seed, not the latent's batch_index; yet the
+    auxiliary noise must be drawn for the same images, so that image k gets its own auxiliary noise whether it
+    is sampled alone or in a batch. ComfyUI's ``prepare_noise`` draws image i's noise as row i of the seed's
+    stream, so the rows are looked up among the first ``limit`` rows. None when the noise is the seed's plain
+    draw for the whole batch, or was not drawn from ``seed`` this way (another NOISE node).
+    """
+    if seed is None:
+        return None
+    rows = noise.detach().cpu()
+    if torch.equal(rows, comfy.sample.prepare_noise(latent, seed, None).to(rows.dtype)):
+        return None
+    count = rows.shape[0]
+    while count <= limit:
+        drawn = comfy.sample.prepare_noise(latent[:1], seed, list(range(count))).to(rows.dtype)
+        found = [next((i for i in range(count) if torch.equal(drawn[i], row)), None) for row in rows]
+        if None not in found:
+            return found
+        count *= 4
+    return None
+
+
+class DCIGuider(comfy.samplers.CFGGuider):
+    """CFGGuider on a DCI-patched MODEL; runs both branches while the sigma is above the split."""
+
+    def __init__(self, model_patcher, plan: DCIPlan, settings: DBIMSettings, aux_kv: dict | None = None):
+        super().__init__(model_patcher)
+        self.plan = plan
+        self.settings = settings
+        self.aux_kv = aux_kv
+        self.positive = None
+        self.phase: _Phase | None = None
+
+    def set_conds(self, positive, negative):
+        dci_prompt_of(positive)  # validate before any compute
+        self.positive = positive
+        super().set_conds(positive, negative)
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+               seed=None):
+        b = noise.shape[0]
+        threshold = split_sigma(sigmas, self.plan.split)
+        self.original_conds.pop(MIXED_COND, None)
+        if math.isinf(threshold):
+            self.phase = None
+            return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+        mixed, data, length = mixed_positive(self.positive, b)
+        self.phase = _Phase(DCIRun(self.settings, data, length, aux_kv=self.aux_kv), b, threshold)
+        self.inner_set_conds({MIXED_COND: mixed})
+        batch_index = noise_batch_index(noise, latent_image, seed)
+        aux_noise = comfy.sample.prepare_noise(latent_image, self.plan.aux_seed, batch_index)
+        noise2 = torch.cat([noise, aux_noise.to(noise)])
+        latent2 = torch.cat([latent_image, latent_image])
+        mask2 = denoise_mask
+        if denoise_mask is not None and denoise_mask.shape[0] == b and b > 1:
+            mask2 = torch.cat([denoise_mask, denoise_mask])
+
+        def concept_half(step, x0, x, total_steps):
+            if callback is not None:
+                callback(step, x0[:b], x[:b], total_steps)
+
+        try:
+            out = super().sample(noise2, latent2, sampler, sigmas, mask2, concept_half, disable_pbar, seed)
+        finally:
+            self.phase = None
+        return out[:b]
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = model_options if model_options is not None else {}
+        neg, pos = self.conds.get("negative"), self.conds.get("positive")
+        phase = self.phase
+        if phase is None:
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, neg, pos, self.cfg,
+                                                    model_options=model_options, seed=seed)
+        b = phase.batch
+        if float(timestep.max()) <= phase.threshold:
+            t = timestep[:b] if timestep.dim() > 0 and timestep.shape[0] == 2 * b else timestep
+            concept = comfy.samplers.sampling_function(self.inner_model, x[:b], t, neg, pos, self.cfg,
+                                                       model_options=model_options, seed=seed)
+            return torch.cat([concept, x[b:].to(concept)])  # the auxiliary branch is frozen
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        uncond = None if cfg1 else neg
+        mixed = self.conds[MIXED_COND]
+        info = StepInfo(run=phase.run, mixed_index=0, uncond_index=None if cfg1 else 1, batch=b,
+                        shared=self.plan.guidance == "shared")
+        options = dict(model_options)
+        options["transformer_options"] = {**model_options.get("transformer_options", {}), STEP_KEY: info}
+        out = comfy.samplers.calc_cond_batch(self.inner_model, [mixed, uncond], x, timestep, options)
+        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                           model_options=options, cond=mixed, uncond=uncond)
+
+
+def build_guider(model_patcher, positive, negative, cfg: float, plan: DCIPlan, settings: DBIMSettings,
+                 aux_model=None) -> DCIGuider:
+    """A DCI guider on a patched clone of ``model_patcher`` (the input MODEL is never patched).
+
+    ``aux_model``: optional MODEL whose cross-attention K/V the auxiliary branch uses (a variant of the method:
+    the auxiliary branch on the base model); every other weight is the model's own.
+    """
+    dci_prompt_of(positive)
+    aux_kv = aux_kv_weights(aux_model, model_patcher) if aux_model is not None else None
+    guider = DCIGuider(patch_model(model_patcher, aux_kv=aux_kv is not None), plan, settings, aux_kv)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider

@@ -1,0 +1,116 @@
+"""Everything about a training run that can be checked before any compute: inputs, captions, the file."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...files.concept import ConceptFileError, sanitize_name
+from ...files.train_state import state_path
+from ...method import ico
+from ..model import FAMILY_LABEL, UnsupportedModelError, model_family
+from ..tokenizer import existing_triggers
+from .settings import TRAINABLE_FAMILIES, TrainingError, TrainSettings
+from .text_encoder import TextEncoder
+from .unet import prediction_kind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """A checked run: its family, text encoder, caption parts, target file and warnings."""
+
+    family: str
+    prediction: str
+    text: TextEncoder
+    class_entries: list
+    prefix: ico.ContextSpec
+    suffix: ico.ContextSpec
+    prefix_entries: list
+    suffix_entries: list
+    path: Path
+    resume: bool
+    warnings: list[str]
+
+
+def _check_images(images, reg_images, settings: TrainSettings) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
+        raise TrainingError("no concept images: connect an IMAGE batch with at least one image")
+    if images.shape[-1] not in (3, 4) or not torch.isfinite(images).all():
+        raise TrainingError(f"the concept images must be a finite IMAGE batch [B, H, W, 3], got {tuple(images.shape)}")
+    if reg_images is not None:
+        if not isinstance(reg_images, torch.Tensor) or reg_images.dim() != 4 or reg_images.shape[0] < 1:
+            raise TrainingError("the regularisation images input is connected but holds no images")
+        if len(settings.reg_captions) not in (1, reg_images.shape[0]):
+            raise TrainingError(f"{reg_images.shape[0]} regularisation images need one caption for all or one per "
+                                f"image (one per line); got {len(settings.reg_captions)}")
+    elif settings.reg_captions and any(c.strip() for c in settings.reg_captions):
+        log.warning("regularisation captions are given but no regularisation images; the captions are ignored")
+
+
+def _target(folder: Path, name: str, overwrite: bool, resume: bool) -> Path:
+    try:
+        path = Path(folder) / sanitize_name(name)
+    except ConceptFileError as e:
+        raise TrainingError(str(e)) from None
+    if resume:
+        if not path.is_file():
+            raise TrainingError(f"nothing to resume: {path.name} does not exist in {path.parent}")
+        if not state_path(path).is_file():
+            raise TrainingError(f"{path.name} can't be resumed: its training state {state_path(path).name} is missing")
+    elif path.exists() and not overwrite:
+        raise TrainingError(f"{path.name} already exists in {path.parent}: choose another save name, allow "
+                            "overwriting, or resume it")
+    return path
+
+
+def plan_training(model, clip, images, settings: TrainSettings, folder: Path, name: str, overwrite: bool,
+                  resume: bool, reg_images=None) -> Plan:
+    """Validate everything that can be validated without computing; raises TrainingError."""
+    settings.check()
+    try:
+        family = model_family(model)
+    except UnsupportedModelError as e:
+        raise TrainingError(str(e)) from None
+    if family not in TRAINABLE_FAMILIES:
+        raise TrainingError(f"training {FAMILY_LABEL[family]} concepts is not yet supported; use an "
+                            "SD1.x or SD2.x checkpoint")
+    prediction = prediction_kind(model)
+    _check_images(images, reg_images, settings)
+
+    text = TextEncoder(clip)
+    warnings = []
+    trigger = settings.trigger
+    if trigger.lower() in (w.lower() for w in existing_triggers(clip)):
+        raise TrainingError(f"the trigger word {trigger!r} is already used by another concept loaded on this CLIP; "
+                            "choose another one")
+    if text.is_vocabulary_word(trigger):
+        warnings.append(f"the trigger word {trigger!r} is an existing word of the text encoder's vocabulary; "
+                        "prompts that use it in its usual sense will get the concept instead (a made-up word "
+                        "like 'qxz' avoids that)")
+    class_entries = text.word_entries(settings.class_noun, "class noun")
+    if not class_entries:
+        raise TrainingError(f"the class noun {settings.class_noun!r} gives no tokens")
+    if settings.mode == "ico":
+        prefix, suffix = ico.parse_context_spec(settings.prefix), ico.parse_context_spec(settings.suffix)
+    else:
+        prefix, suffix = ico.ContextSpec(words=ico.CUSTOM_DIFFUSION_PREFIX), ico.ContextSpec()
+    prefix_entries = text.word_entries(prefix.words, "prefix") if prefix.words else []
+    suffix_entries = text.word_entries(suffix.words, "suffix") if suffix.words else []
+    n_prefix = len(prefix_entries) if prefix.from_words else prefix.length
+    n_suffix = len(suffix_entries) if suffix.from_words else suffix.length
+    try:
+        ico.caption_entries(text.special, [0] * n_prefix, torch.zeros(settings.num_tokens, text.width),
+                            class_entries, [0] * n_suffix)
+    except ico.CaptionError as e:
+        raise TrainingError(str(e)) from None
+
+    path = _target(folder, name, overwrite, resume)
+    for w in warnings:
+        log.warning(w)
+    return Plan(family, prediction, text, class_entries, prefix, suffix, prefix_entries, suffix_entries, path,
+                resume, warnings)

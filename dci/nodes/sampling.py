@@ -1,0 +1,205 @@
+"""DCI sampling nodes: the prompt encoder that prepares both branches, the KSampler replacement, the guider."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..comfyui.sampling.guider import build_guider
+from ..comfyui.sampling.prompt import DCIError, encode_dci_prompt
+from ..method.branches import GUIDANCE_MODES, DCIPlan
+from ..method.dbim import NORMALIZATIONS, READINGS, DBIMSettings
+from ..method.token_spans import default_aux_noun
+from .common import SEED_MAX, check_clip, check_model, register, reported, spec
+from .concepts import CONCEPT_TYPE
+
+PLAN, DBIM = DCIPlan(), DBIMSettings()  # the defaults of every DCI input
+
+
+def _dci_options() -> dict:
+    """The inputs that DCI adds, shared by the KSampler replacement and the guider (same order in both)."""
+    return {
+        "split": spec("FLOAT", "Fraction of the steps that run two branches (concept + auxiliary). 0 = plain "
+                      "sampling; the method uses 0.2-0.3.", default=PLAN.split, min=0.0, max=1.0, step=0.01),
+        "lam": spec("FLOAT", "λ: how strongly the auxiliary branch's attention map pulls the blend towards the "
+                    "auxiliary output (reference 0; typically -2…2).", default=DBIM.lam, min=-10.0, max=10.0,
+                    step=0.1),
+        "aux_map": spec(list(READINGS), "Which auxiliary tokens make the auxiliary map: 'reference' = the "
+                        "auxiliary noun (reference code), 'paper' = the other prompt words (the paper's figure).",
+                        default=DBIM.reading),
+        "guidance": spec(list(GUIDANCE_MODES), "'shared': the auxiliary branch reuses the concept latent's "
+                         "unconditional prediction (3 rows per image, cheaper); 'separate': ordinary CFG per "
+                         "branch (4 rows).", default=PLAN.guidance),
+        "aux_seed": spec("INT", "Seed of the auxiliary branch's own starting noise.", default=PLAN.aux_seed, min=0,
+                         max=SEED_MAX),
+    }
+
+
+def _advanced_options() -> dict:
+    return {
+        "tau": spec("FLOAT", "τ: temperature of the attention-map softmaxes (reference 10).", default=DBIM.tau,
+                    min=0.01, max=1000.0, step=0.1),
+        "kappa": spec("FLOAT", "κ: scale of the spatial normalisation (reference 500).", default=DBIM.kappa,
+                      min=0.01, max=100000.0, step=1.0),
+        "normalization": spec(list(NORMALIZATIONS), "'reference': κ·softmax over pixels (its scale depends on the "
+                              "layer's resolution); 'pixel_count': the same mean weight at every resolution.",
+                              default=DBIM.normalization),
+        "aux_model": spec("MODEL", "Optional: the auxiliary branch takes its cross-attention keys and values from "
+                          "this MODEL, e.g. the checkpoint before DCI Load Concept (a variant of the method; "
+                          "unconnected = the concept model, as in the reference code). Same architecture "
+                          "required."),
+    }
+
+
+def _guider(node: str, model, positive, negative, cfg, split, lam, aux_map, guidance, aux_seed, tau=DBIM.tau,
+            kappa=DBIM.kappa, normalization=DBIM.normalization, aux_model=None):
+    """The checked inputs of both sampling nodes → a DCI guider."""
+    check_model(node, model)
+    if aux_model is not None:
+        check_model(node, aux_model, "aux_model")
+    with reported(node, ValueError, TypeError):
+        settings = DBIMSettings(tau=float(tau), kappa=float(kappa), lam=float(lam), reading=aux_map,
+                                normalization=normalization)
+        plan = DCIPlan(split=float(split), guidance=guidance, aux_seed=int(aux_seed))
+    with reported(node, DCIError):
+        return build_guider(model, positive, negative, cfg, plan, settings, aux_model=aux_model)
+
+
+class DCIPromptEncode:
+    """Encodes the prompt for the concept branch and the auxiliary prompt for the auxiliary branch."""
+
+    NODE_ID = "DCIPromptEncode"
+    DISPLAY_NAME = "DCI Prompt Encode"
+    CATEGORY = "concept/sampling"
+    DESCRIPTION = (
+        "Like CLIP Text Encode, for DCI sampling: write an ordinary prompt that contains the concept phrase "
+        "(e.g. 'a photo of sks dog swimming in a pool'). The node finds the concept's tokens and also encodes the "
+        "auxiliary prompt, with the phrase replaced by a common noun. Works as a normal positive prompt with "
+        "the stock samplers too."
+    )
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("positive",)
+    OUTPUT_TOOLTIPS = ("The concept prompt's conditioning, carrying the auxiliary branch for DCI KSampler.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": spec("CLIP", "The CLIP from DCI Load Concept (it knows the trigger word)."),
+                "text": spec("STRING", "The prompt, containing the concept phrase.", multiline=True,
+                             dynamicPrompts=True),
+                "auxiliary_noun": spec("STRING", "The common noun that replaces the concept phrase in the "
+                                       "auxiliary prompt; it should differ from the class noun. Empty = automatic "
+                                       "('cat', or 'dog' when the class is cat).", default=""),
+            },
+            "optional": {
+                "concept": spec(CONCEPT_TYPE, "From DCI Load Concept: gives the phrase (trigger + class noun)."),
+                "concept_phrase": spec("STRING", "The phrase naming the concept in the prompt, e.g. 'sks dog'; "
+                                       "overrides the concept input.", default=""),
+            },
+        }
+
+    def encode(self, clip, text, auxiliary_noun, concept=None, concept_phrase=""):
+        node = self.DISPLAY_NAME
+        check_clip(node, clip)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{node}: the prompt is empty")
+        phrase = (concept_phrase or "").strip() or (concept.phrase if concept is not None else "")
+        class_noun = concept.class_noun if concept is not None else phrase.split()[-1] if phrase else ""
+        aux = (auxiliary_noun or "").strip() or default_aux_noun(class_noun, text)
+        with reported(node, ValueError):
+            return (encode_dci_prompt(clip, text, phrase, aux),)
+
+
+class DCIKSampler:
+    """The stock KSampler's inputs and behaviour, plus DCI's two-branch early phase."""
+
+    NODE_ID = "DCIKSampler"
+    DISPLAY_NAME = "DCI KSampler"
+    CATEGORY = "concept/sampling"
+    DESCRIPTION = (
+        "Drop-in replacement of KSampler for a concept: for the first 'split' of the steps it runs the concept "
+        "branch and an auxiliary branch (the prompt with a common noun instead of the concept) in one batched "
+        "UNet call and blends their cross-attention outputs (DBIM), so the concept keeps its look while the "
+        "scene follows the prompt; then it finishes the concept branch alone. split = 0 is the stock KSampler."
+    )
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent of the concept branch.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": spec("MODEL", "The model with the concept (from DCI Load Concept)."),
+                "seed": spec("INT", "Seed of the concept branch's noise (as in KSampler).", default=0, min=0,
+                             max=SEED_MAX, control_after_generate=True),
+                "steps": spec("INT", "Denoising steps.", default=20, min=1, max=10000),
+                "cfg": spec("FLOAT", "Classifier-free guidance scale. At 1.0 no unconditional pass runs; the two "
+                            "conditional rows are still blended.", default=7.0, min=0.0, max=100.0, step=0.1,
+                            round=0.01),
+                "sampler_name": spec(comfy.samplers.KSampler.SAMPLERS, "Any ComfyUI sampler."),
+                "scheduler": spec(comfy.samplers.KSampler.SCHEDULERS, "Any ComfyUI scheduler."),
+                "positive": spec("CONDITIONING", "From DCI Prompt Encode."),
+                "negative": spec("CONDITIONING", "The negative prompt (stock CLIP Text Encode)."),
+                "latent_image": spec("LATENT", "The latent to denoise."),
+                "denoise": spec("FLOAT", "As in KSampler; the split applies to the steps that run.", default=1.0,
+                                min=0.0, max=1.0, step=0.01),
+                **_dci_options(),
+            },
+            "optional": _advanced_options(),
+        }
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+               **dci):
+        node = self.DISPLAY_NAME
+        check_model(node, model)
+        if not isinstance(latent_image, dict) or "samples" not in latent_image:
+            raise ValueError(f"{node}: 'latent_image' must be a LATENT")
+        guider = _guider(node, model, positive, negative, cfg, **dci)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), ks.sigmas,
+                                denoise_mask=latent_image.get("noise_mask"), callback=callback,
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return (out,)
+
+
+class DCIGuiderNode:
+    """The same two-branch guidance as a GUIDER, for SamplerCustomAdvanced."""
+
+    NODE_ID = "DCIGuider"
+    DISPLAY_NAME = "DCI Guider"
+    CATEGORY = "concept/sampling"
+    DESCRIPTION = "DCI as a GUIDER for SamplerCustomAdvanced (any sampler, sigmas and noise nodes)."
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": spec("MODEL", "The model with the concept (from DCI Load Concept)."),
+                "positive": spec("CONDITIONING", "From DCI Prompt Encode."),
+                "negative": spec("CONDITIONING", "The negative prompt."),
+                "cfg": spec("FLOAT", "Classifier-free guidance scale.", default=7.0, min=0.0, max=100.0, step=0.1,
+                            round=0.01),
+                **_dci_options(),
+            },
+            "optional": _advanced_options(),
+        }
+
+    def get_guider(self, model, positive, negative, cfg, **dci):
+        return (_guider(self.DISPLAY_NAME, model, positive, negative, cfg, **dci),)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIPromptEncode, DCIKSampler, DCIGuiderNode)

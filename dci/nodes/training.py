@@ -1,0 +1,138 @@
+"""Training nodes: learn a concept (ICO or Custom Diffusion) from a few images, inside ComfyUI."""
+
+from __future__ import annotations
+
+from ..comfyui.concept import ConceptRef, apply_concept
+from ..comfyui.folders import concepts_folder
+from ..comfyui.training.loop import train_concept
+from ..comfyui.training.loss_curve import loss_curve_image
+from ..comfyui.training.settings import (
+    AUTOCAST,
+    DEFAULTS,
+    LIMITS,
+    RESOLUTION_STEP,
+    TrainingError,
+    TrainSettings,
+)
+from ..method import ico
+from .common import SEED_MAX, check_clip, check_model, check_vae, register, reported, spec
+from .concepts import CONCEPT_ERRORS, CONCEPT_TYPE
+
+
+def _captions(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def _ranged(kind: str, name: str, tooltip: str, **options) -> tuple:
+    """An INT/FLOAT input whose default and range are the trainer's (``settings.DEFAULTS``/``LIMITS``)."""
+    lo, hi = LIMITS[name]
+    return spec(kind, tooltip, default=getattr(DEFAULTS, name), min=lo, max=hi, **options)
+
+
+class DCITrainConcept:
+    """Trains a concept's attn2 key/value deltas, trigger-token embeddings and (ICO) per-image contexts."""
+
+    NODE_ID = "DCITrainConcept"
+    DISPLAY_NAME = "DCI Train Concept"
+    CATEGORY = "concept/training"
+    DESCRIPTION = (
+        "Teach the model a concept from a few photos. Trains the cross-attention key/value weights and the "
+        "trigger word's embeddings (Custom Diffusion); in 'ico' mode every photo also gets its own learnable "
+        "caption context that absorbs what is specific to that photo, so the trigger stays editable. Saves the "
+        "concept to models/concepts (with periodic checkpoints; Cancel saves one too) and returns the MODEL and "
+        "CLIP with the concept loaded, exactly as DCI Load Concept would load the file."
+    )
+    RETURN_TYPES = ("MODEL", "CLIP", CONCEPT_TYPE, "IMAGE")
+    RETURN_NAMES = ("model", "clip", "concept", "loss_curve")
+    OUTPUT_TOOLTIPS = (
+        "The input MODEL with the trained concept loaded.",
+        "The input CLIP that knows the trigger word.",
+        "Trigger word and class noun, for the DCI sampler.",
+        "The training loss per step.",
+    )
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = DEFAULTS
+        return {
+            "required": {
+                "model": spec("MODEL", "The SD1.x or SD2.x model to customise; it is not modified."),
+                "clip": spec("CLIP", "Its text encoder; it is not modified."),
+                "vae": spec("VAE", "Its VAE, to encode the images once before training."),
+                "images": spec("IMAGE", "Photos of the concept (3-12 is typical). Each is centre-cropped to a "
+                                        "square and resized to the resolution."),
+                "class_noun": spec("STRING", "What the concept is, in one or two words (dog, mug, plush toy).",
+                                   default=d.class_noun),
+                "trigger_word": spec("STRING", "The made-up word that will stand for the concept in prompts: 'a "
+                                     "qxz dog on the beach'. Avoid real words.", default=d.trigger),
+                "num_tokens": _ranged("INT", "num_tokens", "Learned token vectors behind the trigger word; they "
+                                      "start from rarely used tokens."),
+                "mode": spec(list(ico.MODES), "ico: every image gets learnable caption contexts (better "
+                             "editability). custom_diffusion: the fixed caption 'photo of a <trigger> <class>' "
+                             "(baseline).", default=d.mode),
+                "prefix_context": spec("STRING", "ico: words the per-image prefix starts from (its length is "
+                                       "their token count), or a number N for N random tokens; empty for none.",
+                                       default=d.prefix),
+                "suffix_context": spec("STRING", "ico: words (or a number of random tokens) the per-image suffix "
+                                       "starts from; empty for none.", default=d.suffix),
+                "steps": _ranged("INT", "steps", "Optimisation steps (the reference trains 900 at batch 6)."),
+                "batch_size": _ranged("INT", "batch_size", "Concept images per step (as many regularisation "
+                                      "images are added when connected)."),
+                "learning_rate": _ranged("FLOAT", "learning_rate", "Per-image learning rate of the key/value "
+                                         "weights and tokens; the step uses it times the batch size.",
+                                         step=1e-6, round=False),
+                "context_lr_multiplier": _ranged("FLOAT", "context_lr_multiplier", "ico: the contexts learn this "
+                                                 "many times faster.", step=0.1),
+                "resolution": _ranged("INT", "resolution", "Training resolution in pixels (square).",
+                                      step=RESOLUTION_STEP),
+                "seed": spec("INT", "Seed of everything random in training; same seed, same result.",
+                             default=d.seed, min=0, max=SEED_MAX),
+                "precision": spec(list(AUTOCAST), "fp32 (reference), or bf16/fp16 autocast to save memory and "
+                                  "time on GPUs.", default=d.precision),
+                "gradient_checkpointing": spec("BOOLEAN", "Recompute activations in the backward pass: less "
+                                               "memory, about 30% slower.", default=d.gradient_checkpointing),
+                "save_name": spec("STRING", "File name in models/concepts.", default="my_concept"),
+                "overwrite": spec("BOOLEAN", "Replace an existing concept of that name.", default=False),
+                "resume": spec("BOOLEAN", "Continue the saved training of save_name up to 'steps' (same settings "
+                               "and images).", default=False),
+                "checkpoint_every": _ranged("INT", "checkpoint_every", "Save a resumable checkpoint every N "
+                                            "steps; 0 saves only at the end (and on Cancel)."),
+                "random_flip": spec("BOOLEAN", "Mirror images at random, as the reference does.",
+                                    default=d.random_flip),
+            },
+            "optional": {
+                "reg_images": spec("IMAGE", "Regularisation images of the class (e.g. generated from 'photo of a "
+                                   "dog'), mixed into every step at equal weight to keep the class prior."),
+                "reg_captions": spec("STRING", "Their captions: one per line, or one line for all.",
+                                     multiline=True, default=""),
+            },
+        }
+
+    def train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
+              suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
+              gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
+              reg_captions=""):
+        node = self.DISPLAY_NAME
+        check_model(node, model)
+        check_clip(node, clip)
+        check_vae(node, vae)
+        captions = _captions(reg_captions)
+        if reg_images is not None and not captions:
+            captions = [f"photo of a {class_noun.strip()}"]
+        settings = TrainSettings(
+            class_noun=class_noun, trigger=trigger_word.strip(), num_tokens=num_tokens, mode=mode,
+            prefix=prefix_context, suffix=suffix_context, steps=steps, batch_size=batch_size,
+            learning_rate=learning_rate, context_lr_multiplier=context_lr_multiplier, resolution=resolution,
+            seed=seed, precision=precision, random_flip=random_flip, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every, reg_captions=captions if reg_images is not None else [],
+        )
+        with reported(node, TrainingError, *CONCEPT_ERRORS):
+            result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
+                                   overwrite=overwrite, resume=resume, reg_images=reg_images)
+            model_out, clip_out, _ = apply_concept(result.concept, model, clip, name=result.path.name)
+        ref = ConceptRef.of(result.path.name, result.concept)
+        return (model_out, clip_out, ref, loss_curve_image(result.losses))
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCITrainConcept)

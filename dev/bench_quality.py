@@ -1,0 +1,277 @@
+"""``make bench-quality``: fidelity and editability of the methods on the toy world, through the real nodes.
+
+One process, in-process ComfyUI (``dev.harness``), the toy model from DCI Toy World Loader. For each concept
+of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
+
+- ``base``: the base model with the class prompt ("a circle at the left on a green background"): the
+  editability a model has without the concept, and the fidelity of "just the class";
+- ``cd``: DCI Train Concept, mode custom_diffusion (template caption "photo of a sks circle");
+- ``ico``: DCI Train Concept, mode ico (per-image contexts);
+
+and each trained concept sampled with the stock KSampler and with DCI KSampler over a small split/λ sweep
+(``--dci``; separate guidance, reference map and normalisation; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch, learning
+rate, seed) and the same sampler settings (steps, CFG, sampler, 64×64, seeds). Prompts are the concept's
+evaluation scenes (other positions and backgrounds than the training renders, both sizes), spread evenly.
+
+Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
+(background and position as the prompt asks), prompt_acc (those plus the concept's colours).
+
+Prints a table (mean ± standard error over images, and the per-concept fidelity), then, last, one line per
+method: method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1>
+
+Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
+       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px,0.3:1:base] [--threads 1]
+       [--grid out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import harness
+from .grid import labelled_grid
+
+# The toy world's dev modules import dci.toyworld, so they are imported after harness.boot() has ComfyUI load
+# the pack (the pack must exist once in this process).
+
+TRIGGER = "sks"
+
+# The shared training budget of every method. On the toy model a per-image learning rate of 1e-4 (4e-4 per
+# step at batch 4) leaves the concept unlearned after 300 steps (fidelity as the base model's); 3e-4 learns it
+# and already shows the fidelity/editability trade-off. No flips: the medal's halves are not mirror-symmetric,
+# and fidelity tells a mirrored instance apart.
+TRAIN = dict(num_tokens=2, prefix_context="photo of a", suffix_context=".", batch_size=4,
+             learning_rate=3e-4, context_lr_multiplier=10.0, resolution=64, seed=0, precision="fp32",
+             gradient_checkpointing=False, overwrite=True, resume=False, checkpoint_every=0, random_flip=False)
+N_TRAIN_IMAGES = 5
+# Splits 0.2 (newest reference example), 0.3 (reference default), 0.5; λ 1, and λ 0 (reference default) once.
+DEFAULT_DCI = "0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None,
+                   help="a toy-world .safetensors file (default: the bundled assets/toyworld/toyworld_base)")
+    p.add_argument("--concepts", default="3", help="how many concepts (first N), or a comma list of names")
+    p.add_argument("--prompts", type=int, default=8, help="evaluation prompts per concept")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (one batch)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--cfg", type=float, default=4.5, help="CFG scale")
+    p.add_argument("--sampler", default="euler", help="sampler name")
+    p.add_argument("--train-steps", type=int, default=300, help="training steps per concept and method")
+    p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
+    p.add_argument("--dci", default=DEFAULT_DCI,
+                   help="DCI settings to sweep, 'split:λ[:ref|px][:base]' comma list (px: pixel_count normalisation; base: the "
+                        "auxiliary branch on the base model's K/V; empty: no DCI). λ 0 at the reference κ "
+                        "is one run only: at the toy model's 8×8 and 4×4 attention maps it blends almost nothing")
+    p.add_argument("--methods", default="base,cd,ico", help="comma list of base, cd, ico")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
+    p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first seed's samples here")
+    return p.parse_args(argv)
+
+
+NORM_SHORT = {"ref": "reference", "px": "pixel_count"}
+
+
+def dci_sweep(text: str) -> list[tuple[float, float, str, bool]]:
+    """``"0.2:1,0.3:0:px,0.3:1:base"`` → [(0.2, 1.0, "reference", False), (0.3, 0.0, "pixel_count", False),
+    (0.3, 1.0, "reference", True)]; ``base``: the auxiliary branch on the base model's K/V (``aux_model``)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        split, _, rest = item.partition(":")
+        lam, *flags = rest.split(":")
+        if any(f not in (*NORM_SHORT, "base") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
+            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+        norm = next((NORM_SHORT[f] for f in flags if f in NORM_SHORT), "reference")
+        try:
+            out.append((float(split), float(lam or 0.0), norm, "base" in flags))
+        except ValueError:
+            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+        if not 0.0 <= out[-1][0] <= 1.0:
+            sys.exit(f"--dci: split {split} must be between 0 and 1")
+    return out
+
+
+def aux_noun(class_noun: str) -> str:
+    """Another shape word of the toy world: the auxiliary branch's noun must be a word the model knows."""
+    from dci.toyworld.render import SHAPES
+
+    return next(s for s in ("square", "circle", *SHAPES) if s != class_noun)
+
+
+def pick_scenes(concept, n: int):
+    """``n`` evaluation scenes spread evenly over the list (which is ordered by position, then background)."""
+    from .toyworld.concepts import evaluation_scenes
+
+    scenes = evaluation_scenes(concept)
+    if n >= len(scenes):
+        return scenes
+    return [scenes[int(i * len(scenes) / n)] for i in range(n)]
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        harness.boot()
+        import torch
+
+        torch.set_num_threads(args.threads)
+        self.run = harness.run_node
+        self.args = args
+        self.model, self.clip, self.vae = self.run("DCIToyWorldLoader", model_name=self.model_name())[0]
+        (self.negative,) = self.run("CLIPTextEncode", clip=self.clip, text="")[0]
+        self.records: list[dict] = []
+        self._meters: dict = {}
+        self.timings: dict[str, float] = {}
+        self.grid: dict[str, list[np.ndarray]] = {}
+
+    def model_name(self) -> str:
+        if self.args.model is None:
+            return "toyworld_base.safetensors"
+        return harness.add_model_file(self.args.model, name="toyworld/bench_model.safetensors")
+
+    def _tick(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool] | None) -> np.ndarray:
+        """One batch of ``--seeds`` images; uint8 [B, 64, 64, 3]."""
+        a = self.args
+        (latent,) = self.run("EmptyLatentImage", width=64, height=64, batch_size=a.seeds)[0]
+        common = dict(model=model, seed=seed, steps=a.steps, cfg=a.cfg, sampler_name=a.sampler, scheduler="normal",
+                      positive=positive, negative=self.negative, latent_image=latent, denoise=1.0)
+        if dci is None:
+            (out,) = self.run("KSampler", **common)[0]
+        else:
+            extra = {"aux_model": self.model} if dci[3] else {}
+            (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map="reference",
+                              guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
+        (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
+        return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def score(self, method: str, name: str, concept, prompt: str, images: np.ndarray) -> None:
+        from .toyworld import fidelity as fid
+
+        meter = self._meters.setdefault(name, fid.FidelityMeter(concept))
+        for img in images:
+            self.records.append({
+                "method": method, "concept": name, "fidelity": meter(img),
+                "editability": fid.mean_score(fid.editability_scores(img, prompt, concept)),
+                "prompt_acc": fid.mean_score(fid.prompt_scores(img, prompt, concept)),
+            })
+        self.grid.setdefault(method, []).append(images[0])
+
+    def train(self, mode: str, name: str, concept):
+        import torch
+
+        from .toyworld.concepts import training_images
+
+        images = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
+        t0 = time.perf_counter()
+        model, clip, ref, _ = self.run(
+            "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=images,
+            class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=self.args.train_steps,
+            save_name=f"bench_quality_{mode}_{name}", **{**TRAIN, "learning_rate": self.args.lr})[0]
+        self._tick(f"train {mode}", t0)
+        return model, clip, ref
+
+    def run_all(self) -> None:
+        from dci.toyworld.render import caption
+
+        from .toyworld.concepts import CONCEPTS, concept_prompt
+
+        a = self.args
+        names = (list(CONCEPTS)[: int(a.concepts)] if a.concepts.isdigit()
+                 else [n.strip() for n in a.concepts.split(",") if n.strip()])
+        unknown = [n for n in names if n not in CONCEPTS]
+        if unknown:
+            sys.exit(f"unknown concepts {unknown}; choose from {', '.join(CONCEPTS)}")
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        sweep = dci_sweep(a.dci)
+        for name in names:
+            concept = CONCEPTS[name]
+            scenes = pick_scenes(concept, a.prompts)
+            if "base" in methods:
+                t0 = time.perf_counter()
+                for i, scene in enumerate(scenes):
+                    prompt = caption(scene, noun=concept.class_noun)
+                    (pos,) = self.run("CLIPTextEncode", clip=self.clip, text=prompt)[0]
+                    self.score("base", name, concept, concept_prompt(scene, TRIGGER, concept),
+                               self.sample(self.model, pos, 1000 + i, None))
+                self._tick("sample plain", t0)
+            for mode, label in (("custom_diffusion", "cd"), ("ico", "ico")):
+                if label not in methods:
+                    continue
+                model, clip, ref = self.train(mode, name, concept)
+                for i, scene in enumerate(scenes):
+                    prompt = concept_prompt(scene, TRIGGER, concept)
+                    t0 = time.perf_counter()
+                    (pos,) = self.run("CLIPTextEncode", clip=clip, text=prompt)[0]
+                    self.score(label, name, concept, prompt, self.sample(model, pos, 1000 + i, None))
+                    self._tick("sample plain", t0)
+                    if not sweep:
+                        continue
+                    t0 = time.perf_counter()
+                    (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
+                                       auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
+                    for split, lam, norm, on_base in sweep:
+                        tag = ("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+                        self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
+                                   self.sample(model, dpos, 1000 + i, (split, lam, norm, on_base)))
+                    self._tick("sample dci", t0)
+            print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
+                  flush=True)
+
+    def report(self) -> None:
+        methods = list(dict.fromkeys(r["method"] for r in self.records))
+        concepts = list(dict.fromkeys(r["concept"] for r in self.records))
+        keys = ("fidelity", "editability", "prompt_acc")
+        width = max(len(m) for m in methods) + 2
+        print()
+        print(f"{'method':<{width}}" + "".join(f"{k:>16}" for k in keys) + "   fidelity per concept (" +
+              ", ".join(concepts) + ")   n")
+        summary = {}
+        for m in methods:
+            rows = [r for r in self.records if r["method"] == m]
+            cells = []
+            for k in keys:
+                v = np.array([r[k] for r in rows])
+                se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+                cells.append(f"{v.mean():>9.3f} ±{se:.3f}")
+                summary.setdefault(m, {})[k] = float(v.mean())
+            per = [np.mean([r["fidelity"] for r in rows if r["concept"] == c]) for c in concepts]
+            print(f"{m:<{width}}" + "".join(f"{c:>16}" for c in cells) + "   " +
+                  " ".join(f"{p:.3f}" for p in per) + f"   {len(rows)}")
+        print("(mean ± standard error over images; timings: " +
+              ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) + ")")
+        if self.args.grid:
+            self.write_grid(self.args.grid)
+        print()
+        for m in methods:
+            s = summary[m]
+            print(f"method={m.replace(' ', '')} fidelity={s['fidelity']:.3f} editability={s['editability']:.3f} "
+                  f"prompt_acc={s['prompt_acc']:.3f}")
+
+    def write_grid(self, path: Path) -> None:
+        rows = [(m, np.concatenate(v, axis=1)) for m, v in self.grid.items()]
+        labelled_grid(rows).save(path, optimize=True)
+        print(f"grid (one row per method, first seed of every prompt): {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    bench = Bench(args)
+    bench.run_all()
+    bench.report()
+    print(f"# total {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
