@@ -29,3 +29,50 @@ def labelled_grid(rows: Sequence[tuple[str, np.ndarray]], label_width: int = 150
         draw.text((6, y + image.height // 2 - 6), name, fill="black")
         y += image.height
     return canvas
+
+
+def scatter_plot(points: dict[str, tuple[float, float]], fidelity_ends: tuple[float, float] | None = None,
+                 size: tuple[int, int] = (760, 560)):
+    """Fidelity (x) × editability (y), one labelled dot per method, with the fidelity scale's floor and ceiling
+    as dashed vertical lines. Axes span the data with a margin (not 0..1), so close methods stay apart."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 70, 30, 30, 60
+    xs = [p[0] for p in points.values()] + [v for v in (fidelity_ends or ()) if np.isfinite(v)]
+    ys = [p[1] for p in points.values()]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = max(0.02, 0.08 * (x1 - x0)), max(0.02, 0.08 * (y1 - y0))
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, min(1.0, y1 + pad_y) if y1 < 1 else y1 + pad_y
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    canvas = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(canvas)
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for k in range(6):
+        fx, fy = x0 + k * (x1 - x0) / 5, y0 + k * (y1 - y0) / 5
+        gx, _ = px(fx, y0)
+        _, gy = px(x0, fy)
+        d.line([gx, h - bottom, gx, h - bottom + 5], fill="black")
+        d.text((gx - 14, h - bottom + 8), f"{fx:.2f}", fill="black")
+        d.line([left - 5, gy, left, gy], fill="black")
+        d.text((left - 42, gy - 6), f"{fy:.2f}", fill="black")
+    d.text(((left + w - right) / 2 - 60, h - 26), "fidelity (higher: more like the instance)", fill="black")
+    d.text((6, top - 22), "editability (higher: follows the prompt)", fill="black")
+    for value, name in zip(fidelity_ends or (), ("floor", "ceiling"), strict=False):
+        if not np.isfinite(value):
+            continue
+        gx, _ = px(value, y0)
+        for yy in range(top, h - bottom, 8):
+            d.line([gx, yy, gx, min(yy + 4, h - bottom)], fill=(120, 120, 120))
+        d.text((gx + 3, top + 3), f"fidelity {name}", fill=(90, 90, 90))
+    palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 190), (230, 130, 20), (20, 150, 160)]
+    for i, (name, (x, y)) in enumerate(points.items()):
+        cx, cy = px(x, y)
+        colour = palette[i % len(palette)]
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        d.text((cx + 6, cy - 6 + (i % 3 - 1) * 4), name, fill=colour)
+    return canvas

@@ -152,6 +152,14 @@ def square_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.clamp(0, 1).movedim(1, -1).contiguous()
 
 
+def collect_images(items: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """A list of IMAGE batches of any sizes (e.g. one image per file of a folder) → one ``[N, size, size, 3]``
+    batch, in list order, each image centre-cropped to a square and resized (``square_images``)."""
+    if not items:
+        raise ValueError("no images")
+    return torch.cat([square_images(x, size) for x in items])
+
+
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:

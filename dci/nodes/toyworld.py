@@ -56,17 +56,18 @@ class DCIToyWorldLoader:
     DISPLAY_NAME = "DCI Toy World Loader"
     CATEGORY = "concept/toy world"
     DESCRIPTION = (
-        "Load the toy world's tiny model (64×64 scenes of coloured shapes, patterns and emblems; captions like "
-        "'a small red ring with yellow stripes at the left on a blue background'). ComfyUI treats it as SD1.5, "
-        "so every stock node accepts its MODEL, CLIP and VAE; sample at 64×64. It exists to try concept "
-        "training and DCI sampling in minutes on a CPU, with fidelity and editability measurable from pixels."
+        "Load the toy world's tiny model (128×128 scenes of coloured shapes with patterns and emblems; captions "
+        "like 'a small red circle with yellow stripes and a blue star emblem at the left on a green background'). "
+        "ComfyUI treats it as SD1.5, so every stock node accepts its MODEL, CLIP and VAE; sample at 128×128. It "
+        "exists to try concept training and DCI sampling in minutes on a CPU, with fidelity and editability "
+        "measurable from pixels."
     )
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The toy UNet (SD1.5 family, ε prediction).",
         "The toy text encoder on the standard SD1 tokenizer.",
-        "The toy VAE (64×64 images ↔ 8×8×4 latents).",
+        "The toy VAE (128×128 images ↔ 16×16×4 latents).",
     )
     FUNCTION = "load"
 
@@ -103,12 +104,13 @@ class DCIToyWorldScene:
     CATEGORY = "concept/toy world"
     DESCRIPTION = (
         "Draw a toy-world scene from its attributes, to see what the toy model was trained on and what a "
-        "prompt should produce. The caption output is the base world's caption of the scene (a pattern and an "
-        "emblem together have no caption: only concepts combine them)."
+        "prompt should produce. The caption output is the base world's caption of the scene. The optional "
+        "stripe angle, emblem placement and emblem scale are parts no caption names: the model draws them at "
+        "random, and a concept pins them down."
     )
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "caption")
-    OUTPUT_TOOLTIPS = ("The 64×64 render.", "The scene's full caption in the toy world's grammar.")
+    OUTPUT_TOOLTIPS = ("The 128×128 render.", "The scene's full caption in the toy world's grammar.")
     FUNCTION = "draw"
 
     @classmethod
@@ -118,42 +120,55 @@ class DCIToyWorldScene:
             "required": {
                 "shape": spec(list(render.SHAPES), "The object's shape."),
                 "colour": spec(colours, "The object's colour.", default="red"),
-                "pattern": spec([p for p in render.PATTERNS if p != "emblem"], "A pattern in the second colour.",
-                                default="plain"),
+                "pattern": spec(list(render.PATTERNS), "A pattern in its own colour.", default="plain"),
                 "pattern_colour": spec(colours, "Colour of the pattern.", default="yellow"),
-                "emblem": spec([NONE, *render.EMBLEM_SHAPES], "A small shape inside the object.", default=NONE),
+                "emblem": spec([NONE, *render.EMBLEM_SHAPES], "A small shape on the object.", default=NONE),
                 "emblem_colour": spec(colours, "Colour of the emblem.", default="blue"),
                 "size": spec(list(render.SIZES), "Object size.", default="large"),
                 "position": spec(list(render.POSITIONS), "Where the object sits.", default="centre"),
                 "background": spec(colours, "Background colour.", default="white"),
                 "texture": spec(list(render.TEXTURES), "Background texture.", default="flat"),
-            }
+            },
+            "optional": {
+                "stripe_angle": spec(list(render.STRIPE_ANGLES), "Stripes run vertically or horizontally (never "
+                                     "named in a caption).", default="vertical"),
+                "emblem_place": spec(list(render.EMBLEM_PLACES), "Where the emblem sits (never named in a "
+                                     "caption).", default="centre"),
+                "emblem_scale": spec(list(render.EMBLEM_SCALES), "Emblem size (never named in a caption).",
+                                     default="large"),
+            },
         }
 
     def draw(self, shape, colour, pattern, pattern_colour, emblem, emblem_colour, size, position, background,
-             texture):
+             texture, stripe_angle="vertical", emblem_place="centre", emblem_scale="large"):
         node = self.DISPLAY_NAME
         for name, value, options in (
             ("shape", shape, render.SHAPES), ("colour", colour, render.COLOURS), ("pattern", pattern, render.PATTERNS),
             ("pattern_colour", pattern_colour, render.COLOURS), ("emblem", emblem, (NONE, *render.EMBLEM_SHAPES)),
             ("emblem_colour", emblem_colour, render.COLOURS), ("size", size, render.SIZES),
             ("position", position, render.POSITIONS), ("background", background, render.COLOURS),
-            ("texture", texture, render.TEXTURES),
+            ("texture", texture, render.TEXTURES), ("stripe_angle", stripe_angle, render.STRIPE_ANGLES),
+            ("emblem_place", emblem_place, render.EMBLEM_PLACES), ("emblem_scale", emblem_scale, render.EMBLEM_SCALES),
         ):
             check_choice(node, name, value, options)
-        if background == colour:
-            raise ValueError(f"{node}: background and object are both {colour}; pick different colours")
-        has_emblem = emblem != NONE
+        has_emblem, has_pattern = emblem != NONE, pattern != "plain"
+        used = [("object", colour), ("background", background)]
+        used += [("pattern", pattern_colour)] if has_pattern else []
+        used += [("emblem", emblem_colour)] if has_emblem else []
+        seen: dict[str, str] = {}
+        for part, c in used:
+            if c in seen:
+                raise ValueError(f"{node}: the {seen[c]} and the {part} are both {c}; pick different colours")
+            seen[c] = part
         obj = render.ObjectSpec(
-            shape=shape, colour=colour, size=size, position=position,
-            pattern="emblem" if has_emblem and pattern == "plain" else pattern,
-            pattern_colour=pattern_colour if pattern != "plain" else None,
+            shape=shape, colour=colour, size=size, position=position, pattern=pattern,
+            pattern_colour=pattern_colour if has_pattern else None,
             emblem=emblem if has_emblem else None, emblem_colour=emblem_colour if has_emblem else None,
+            stripe_angle=stripe_angle, emblem_place=emblem_place, emblem_scale=emblem_scale,
         )
         scene = render.SceneSpec(obj=obj, background=background, texture=texture)
         pixels = render.render_scene(scene).astype(np.float32) / 255.0
-        text = render.caption(scene) if not (has_emblem and pattern != "plain") else ""
-        return (torch.from_numpy(pixels)[None], text)
+        return (torch.from_numpy(pixels)[None], render.caption(scene))
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIToyWorldLoader, DCIToyWorldScene)

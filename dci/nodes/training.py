@@ -51,6 +51,9 @@ class DCITrainConcept:
         "The training loss per step.",
     )
     FUNCTION = "train"
+    # Every input arrives as a list: ``images`` and ``reg_images`` may be lists of images of different sizes
+    # (Load Image Dataset from Folder); every other input must be one value.
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -60,8 +63,9 @@ class DCITrainConcept:
                 "model": spec("MODEL", "The SD1.x or SD2.x model to customise; it is not modified."),
                 "clip": spec("CLIP", "Its text encoder; it is not modified."),
                 "vae": spec("VAE", "Its VAE, to encode the images once before training."),
-                "images": spec("IMAGE", "Photos of the concept (3-12 is typical). Each is centre-cropped to a "
-                                        "square and resized to the resolution."),
+                "images": spec("IMAGE", "Photos of the concept (3-12 is typical): an IMAGE batch, or the image list "
+                                        "of Load Image Dataset from Folder (any sizes). Each is centre-cropped "
+                                        "to a square and resized to the resolution."),
                 "class_noun": spec("STRING", "What the concept is, in one or two words (dog, mug, plush toy).",
                                    default=d.class_noun),
                 "trigger_word": spec("STRING", "The made-up word that will stand for the concept in prompts: 'a "
@@ -109,10 +113,25 @@ class DCITrainConcept:
             },
         }
 
-    def train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
-              suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
-              gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
-              reg_captions=""):
+    def train(self, images, reg_images=None, **inputs):
+        node = self.DISPLAY_NAME
+        single = {}
+        for name, value in inputs.items():
+            if len(value) != 1:
+                raise ValueError(f"{node}: '{name}' got a list of {len(value)} values; only the images may be lists")
+            single[name] = value[0]
+        res, (lo, hi) = single.get("resolution"), LIMITS["resolution"]
+        if not isinstance(res, int) or not lo <= res <= hi:
+            raise ValueError(f"{node}: resolution must be a whole number of pixels from {lo:g} to {hi:g}, got {res!r}")
+        with reported(node, ValueError):
+            batch = ico.collect_images(images, res)
+            reg = ico.collect_images(reg_images, res) if reg_images else None
+        return self._train(images=batch, reg_images=reg, **single)
+
+    def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
+               suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
+               gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
+               reg_captions=""):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)

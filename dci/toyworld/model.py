@@ -227,26 +227,6 @@ def load_toyworld(path: str | Path, embedding_directory: str | None = None):
     return patcher, clip, vae
 
 
-def text_hidden_states(text_model: torch.nn.Module, token_embeds: torch.Tensor) -> torch.Tensor:
-    """The "last" hidden states of a ComfyUI ``CLIPTextModel`` for token embeddings [B, 77, H], with autograd.
-
-    ComfyUI's own ``CLIPLayer.forward`` adds its residuals in place, which breaks backpropagation; this is
-    the same computation written out of place (embeddings + positions, causal mask, layers, final norm),
-    used to train the text encoder. ``text_model`` is ``clip.cond_stage_model.clip_l.transformer``.
-    """
-    from comfy.ldm.modules.attention import optimized_attention_for_device
-
-    tm = text_model.text_model
-    x = token_embeds + tm.embeddings.position_embedding.weight.to(token_embeds.dtype)
-    n = x.shape[1]
-    mask = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
-    attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
-    for layer in tm.encoder.layers:
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    return tm.final_layer_norm(x)
-
-
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameters (for reports)."""
     return sum(p.numel() for p in module.parameters())

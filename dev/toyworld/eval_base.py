@@ -2,21 +2,20 @@
 
 Prompts ask for (shape, colour, background) triples that base training never showed (``held_out``), at
 every position and size; a quarter are plain, a quarter add a pattern, a quarter an emblem, a quarter both.
-Images come from the stock KSampler node and VAEDecode at the world's size; ``dci_core.toyworld.metrics``
+Images come from the stock KSampler node and VAEDecode at the world's size; ``dev.toyworld.metrics``
 reads background, object colour, size, position and the decorations' colours back. The VAE's own ceiling
 is printed beside it (clean renders through VAEEncode → VAEDecode), and ``--vae`` prints only the VAE's
 report: PSNR, every reader on clean and round-tripped renders, and each concept's fidelity after a round
 trip against the clean renders' (``--vae-ckpt`` reads a VAE checkpoint of a training work folder).
 
-Usage: python scripts/toyworld/eval_base.py [--model FILE] [--prompts 48] [--seeds 2] [--grid out.png]
-       python scripts/toyworld/eval_base.py --layout-probe [--model FILE]
-       python scripts/toyworld/eval_base.py --vae [--model FILE | --vae-ckpt WORK/vae_ckpt.safetensors]
+Usage: python3 dev/host.py python -m dev.toyworld.eval_base [--model FILE] [--prompts 48] [--seeds 2] [--grid PNG]
+       python3 dev/host.py python -m dev.toyworld.eval_base --layout-probe [--model FILE]
+       python3 dev/host.py python -m dev.toyworld.eval_base --vae [--model FILE | --vae-ckpt WORK/vae.safetensors]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,15 +24,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def setup_comfy(comfyui: str) -> None:
-    """ComfyUI on the path, CPU mode, before anything imports model_management; ComfyUI's ``nodes`` first."""
+if str(REPO) not in sys.path:  # run as a file rather than with -m
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, comfyui)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
 
 
 def held_out_prompts(n: int, seed: int) -> list[str]:
@@ -200,8 +192,6 @@ def layout_probe(model, clip, vae, n: int = 8, seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("DCI_COMFYUI_DIR") or os.environ.get("COMFYUI_PATH"),
-                    help="the ComfyUI tree (set when run through scripts/host.py)")
     ap.add_argument("--model", type=Path, default=REPO / "assets" / "toyworld" / "toyworld_base.safetensors")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=2, help="images per prompt")
@@ -220,7 +210,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    setup_comfy(args.comfyui)
+    from dev import harness
+
+    harness.configure()
     from dci.toyworld import render
     from dev.toyworld import metrics
     from dci.toyworld.model import load_toyworld, read_metadata

@@ -1,16 +1,17 @@
 """Writes the toy-world concepts' training renders as PNG files: the "few photos" a user would bring.
 
-For every concept in ``dci_core.toyworld.concepts.CONCEPTS``, ``--count`` renders of its narrow training
-context (the concept's own background, large, centred with ±2 px jitter; ``concepts.training_scenes``) go to
-``assets/toyworld/concepts/<concept>/<concept>_<i>.png`` (64×64 RGB). The renders are a pure function of
+For every concept in ``dev.toyworld.concepts.CONCEPTS``, ``--count`` renders of its narrow training
+context (the concept's own background, large, centred with ±4 px jitter; ``concepts.training_scenes``) go to
+``assets/toyworld/concepts/<concept>/<concept>_<i>.png`` (128×128 RGB). The renders are a pure function of
 ``--seed``, and the PNGs are written without timestamps, so re-running gives identical files.
 
-Usage: python scripts/toyworld/export_concepts.py [--out DIR] [--count 5] [--seed 0]
+Usage: python3 dev/host.py python -m dev.toyworld.export_concepts [--out DIR] [--count 5] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def export(out: Path, count: int, seed: int) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         for i, pixels in enumerate(training_images(concept, count, seed)):
             path = folder / f"{name}_{i}.png"
-            Image.fromarray(pixels, mode="RGB").save(path, format="PNG", optimize=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG", optimize=True)
+            os.replace(tmp, path)  # a reader never sees half a PNG
             written.append(path)
     return written
 

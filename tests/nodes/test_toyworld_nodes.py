@@ -99,16 +99,21 @@ def test_rejects_files_that_are_not_toy_world(comfy, tiny_checkpoint):
 
 
 def test_scene_node_renders_the_world(comfy):
-    attrs = dict(shape="ring", colour="red", pattern="stripes", pattern_colour="yellow", emblem="none",
-                 emblem_colour="blue", size="small", position="left", background="blue", texture="flat")
-    (image, text), _ = comfy.run_node("DCIToyWorldScene", **attrs)
-    assert image.shape == (1, 64, 64, 3)
-    assert text == "a small red ring with yellow stripes at the left on a blue background"
-    spec = render.scene_from_caption(text)
-    expected = render.render_scene(spec)
+    attrs = dict(shape="hexagon", colour="red", pattern="stripes", pattern_colour="yellow", emblem="star",
+                 emblem_colour="white", size="small", position="left", background="blue", texture="flat")
+    unnamed = dict(stripe_angle="horizontal", emblem_place="upper-left", emblem_scale="small")
+    (image, text), _ = comfy.run_node("DCIToyWorldScene", **attrs, **unnamed)
+    assert image.shape == (1, render.IMAGE_SIZE, render.IMAGE_SIZE, 3)
+    assert text == "a small red hexagon with yellow stripes and a white star emblem at the left on a blue background"
+    obj = render.ObjectSpec("hexagon", "red", "stripes", "yellow", "star", "white", "small", "left", **unnamed)
+    expected = render.render_scene(render.SceneSpec(obj, background="blue"))
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), expected)
+    (default, same), _ = comfy.run_node("DCIToyWorldScene", **attrs)  # unnamed parts at their defaults
+    assert same == text and not torch.equal(default, image)
     with pytest.raises(Exception, match="pick different colours"):
         comfy.run_node("DCIToyWorldScene", **{**attrs, "background": "red"})
+    with pytest.raises(Exception, match="the pattern and the emblem are both yellow"):
+        comfy.run_node("DCIToyWorldScene", **{**attrs, "emblem_colour": "yellow"})
 
 
 def test_bundled_model_generates_the_asked_background_and_position(comfy):
@@ -120,7 +125,8 @@ def test_bundled_model_generates_the_asked_background_and_position(comfy):
 
     (model, clip, vae), _ = comfy.run_node("DCIToyWorldLoader", model_name="toyworld_base.safetensors")
     (neg,), _ = comfy.run_node("CLIPTextEncode", clip=clip, text="")
-    (latent,), _ = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=2)
+    (latent,), _ = comfy.run_node("EmptyLatentImage", width=render.IMAGE_SIZE, height=render.IMAGE_SIZE,
+                                  batch_size=2)
     asked = [("blue", "left"), ("yellow", "right"), ("green", "top"), ("white", "bottom")]
     got = []
     for colour, position in asked:

@@ -1,6 +1,6 @@
 """The toy base model's training script, on a few dozen scenes and a handful of steps (batch 4): it writes a
-file the toy-world loader runs, resumes from its work folder into the layout phase (v-prediction on the
-zero-terminal-SNR schedule, as the shipped model), and a resumed run ends bit-identical to a straight one."""
+file the toy-world loader runs, resumes every stage from its work folder, a resumed run ends bit-identical to
+a straight one, and it never replaces an existing model file unasked."""
 
 from __future__ import annotations
 
@@ -34,12 +34,14 @@ def metadata(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(comfy, tmp_path_factory):
-    """A run interrupted at the phase boundary and resumed, and the same schedule run straight through."""
+    """A 2-step run (its file is a.safetensors); a 4-step run stopped after step 2 and resumed (b); the same
+    4-step run straight through (c)."""
     root = tmp_path_factory.mktemp("toy_train")
-    layout = ["--unet-steps", "2", "--layout-steps", "2", "--layout-prediction", "v", "--layout-zsnr"]
-    first = train(root / "resumed", root / "a.safetensors", "--unet-steps", "2")
-    resumed = train(root / "resumed", root / "b.safetensors", *layout)
-    straight = train(root / "straight", root / "c.safetensors", *layout)
+    first = train(root / "short", root / "a.safetensors", "--unet-steps", "2")
+    stopped = train(root / "resumed", root / "b.safetensors", "--unet-steps", "4", "--stop-at", "2")
+    assert "stopped at step 2 of 4" in stopped and not (root / "b.safetensors").exists()
+    resumed = train(root / "resumed", root / "b.safetensors", "--unet-steps", "4")
+    straight = train(root / "straight", root / "c.safetensors", "--unet-steps", "4")
     return root, first, resumed, straight
 
 
@@ -47,7 +49,7 @@ def test_writes_a_loadable_model_with_its_recipe(runs):
     root, first, _, _ = runs
     out = root / "a.safetensors"
     meta = metadata(out)
-    assert meta["toyworld.steps"] == "2" and meta["toyworld.layout_steps"] == "0"
+    assert meta["toyworld.steps"] == "2" and meta["toyworld.world_version"] == "toyworld-2"
     assert meta["toyworld.prediction"] == "eps" and meta["toyworld.zsnr"] == "false"
     assert "wrote" in first
     assert "text step 3/3" in first
@@ -60,31 +62,23 @@ def test_writes_a_loadable_model_with_its_recipe(runs):
     assert clip.encode_from_tokens(tokens).shape[-1] == 64
 
 
-def test_resumes_into_the_layout_phase(runs):
+def test_resumes_every_stage(runs):
     root, _, resumed, _ = runs
     assert "UNet: resumed at step 2" in resumed
     assert "VAE: resumed" in resumed and "decoder: resumed" in resumed
     assert "text encoder: resumed" in resumed
-    meta = metadata(root / "b.safetensors")
-    assert meta["toyworld.steps"] == "4" and meta["toyworld.layout_steps"] == "2"
-    assert meta["toyworld.prediction"] == "v" and meta["toyworld.zsnr"] == "true"
+    assert metadata(root / "b.safetensors")["toyworld.steps"] == "4"
     assert metadata(root / "resumed" / "unet_ckpt.safetensors")["opt_format"] == "2"
-    import comfy.model_sampling
-
-    from dci.toyworld.model import load_toyworld
-
-    model, _, _ = load_toyworld(root / "b.safetensors")
-    sampling = model.get_model_object("model_sampling")
-    assert isinstance(sampling, comfy.model_sampling.V_PREDICTION)
-    assert float(sampling.sigma_max) > 1000  # zero terminal SNR: the top step is (numerically) pure noise
 
 
-def test_zsnr_needs_v_prediction(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path), "--out", str(tmp_path / "x.safetensors"),
-           "--layout-steps", "2", "--layout-zsnr"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode != 0 and "needs --layout-prediction v" in proc.stderr
-    assert not (tmp_path / "x.safetensors").exists()
+def test_an_existing_model_file_is_not_replaced_unasked(runs):
+    root, *_ = runs
+    out = root / "a.safetensors"
+    before = out.read_bytes()
+    cmd = [sys.executable, str(SCRIPT), "--work", str(root / "short"), "--out", str(out), *SMALL, "--unet-steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr, proc.stderr[-2000:]
+    assert out.read_bytes() == before
 
 
 def test_resumed_run_equals_straight_run(runs):
@@ -93,7 +87,7 @@ def test_resumed_run_equals_straight_run(runs):
     assert a.keys() == b.keys()
     different = [k for k in a if not (a[k] == b[k]).all()]
     assert not different, different[:5]
-    # and training did something: the layout phase changed the weights
+    # and training did something: the last two steps changed the weights
     first = load_file(str(root / "a.safetensors"))
     assert any(not (first[k] == a[k]).all() for k in a if k.startswith("model."))
 
@@ -101,7 +95,7 @@ def test_resumed_run_equals_straight_run(runs):
 def test_resume_refuses_another_architecture(runs):
     root, *_ = runs
     cmd = [sys.executable, str(SCRIPT), "--work", str(root / "resumed"), "--out", str(root / "d.safetensors"), *SMALL,
-           "--unet-steps", "2", "--layout-steps", "4", "--unet-config", '{"model_channels": 32}']
+           "--unet-steps", "4", "--unet-config", '{"model_channels": 32}']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0 and "was trained with UNet" in proc.stderr, proc.stderr[-2000:]
     assert not (root / "d.safetensors").exists()
@@ -110,27 +104,29 @@ def test_resume_refuses_another_architecture(runs):
 
 
 def load_script():
-    import importlib.util
+    from dev.toyworld import train_text
 
-    spec = importlib.util.spec_from_file_location("train_base", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train_text
 
 
 def test_caption_labels_name_every_attribute_or_none(comfy):
     tb = load_script()
     names = list(tb.attribute_classes())
-    labels = dict(zip(names, tb.caption_labels("a small red ring with yellow stripes at the left on a blue grid background"),
-                      strict=True))
+    text = "a small red hexagon with yellow stripes at the left on a blue grid background"
+    labels = dict(zip(names, tb.caption_labels(text), strict=True))
     classes = tb.attribute_classes()
     assert classes["position"][labels["position"] - 1] == "left"
-    assert classes["shape"][labels["shape"] - 1] == "ring"
+    assert classes["shape"][labels["shape"] - 1] == "hexagon"
     assert classes["colour"][labels["colour"] - 1] == "red"
+    assert classes["pattern"][labels["pattern"] - 1] == "stripes"
     assert classes["pattern_colour"][labels["pattern_colour"] - 1] == "yellow"
     assert classes["background"][labels["background"] - 1] == "blue"
     assert classes["texture"][labels["texture"] - 1] == "grid"
-    assert labels["emblem"] == 0
+    assert labels["emblem"] == 0 and labels["emblem_colour"] == 0
+    both = dict(zip(names, tb.caption_labels("a circle with a white band and a black star emblem"), strict=True))
+    assert classes["emblem"][both["emblem"] - 1] == "star"
+    assert classes["emblem_colour"][both["emblem_colour"] - 1] == "black"
+    assert classes["pattern"][both["pattern"] - 1] == "band"
     assert tb.caption_labels("") == [0] * len(names)
     assert tb.caption_labels("a circle")[names.index("position")] == 0
 

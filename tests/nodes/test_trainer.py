@@ -270,3 +270,25 @@ def test_sd2_family_trains_clip_h_tokens_and_contexts(comfy):
     assert concept.steps == 2 and ref.family == "sd2"
     vectors = [t[0] for t in c.tokenize("a qxz dog")["h"][0] if isinstance(t[0], torch.Tensor)]
     assert len(vectors) == 2 and torch.equal(vectors[0], concept.tokens["clip_h"][0])
+
+
+def test_an_image_list_of_mixed_sizes_trains_like_the_squared_batch(setup):
+    """Load Image Dataset from Folder gives one IMAGE per file, of any size: the node squares each and trains
+    exactly as on the batch of the squared images; a list where one value is expected is refused."""
+    comfy, model, clip, vae, _ = setup
+    g = torch.Generator().manual_seed(5)
+    items = [torch.rand(1, 64, 80, 3, generator=g), torch.rand(1, 96, 72, 3, generator=g)]
+    batch = torch.cat([ico.square_images(x, 64) for x in items])
+    inputs = {**BASE, "random_flip": False, "model": model, "clip": clip, "vae": vae}
+    listed, _ = comfy.run_node_lists("DCITrainConcept", images=items, save_name=["t_list"],
+                                     **{k: [v] for k, v in inputs.items()})
+    batched = train(comfy, model, clip, vae, batch, "t_batch", random_flip=False)[4]
+    a, b = load_concept(concepts_folder() / "t_list.safetensors"), batched
+    for part in ("kv_deltas", "tokens", "contexts"):
+        x, y = getattr(a, part), getattr(b, part)
+        assert x.keys() == y.keys() and x
+        assert all(torch.equal(x[k], y[k]) for k in x), part
+    assert listed[0][0] is not model
+    with pytest.raises(Exception, match="only the images may be lists"):
+        comfy.run_node_lists("DCITrainConcept", images=items, save_name=["x", "y"],
+                             **{k: [v] for k, v in inputs.items()})

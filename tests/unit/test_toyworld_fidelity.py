@@ -117,7 +117,7 @@ def test_editability_reads_background_position_and_size(name):
 
 
 def test_committed_concept_renders_are_the_training_renders():
-    """assets/toyworld/concepts/ holds exactly what scripts/toyworld/export_concepts.py writes."""
+    """assets/toyworld/concepts/ holds exactly what dev/toyworld/export_concepts.py writes."""
     from pathlib import Path
 
     from PIL import Image

@@ -1,0 +1,163 @@
+"""Stage 4 of the toy model's training: UNet and text encoder together, and the model file.
+
+SD1.5's ε schedule on the cached latents, offset noise (without it flat backgrounds come out as off-palette
+mixtures: the schedule's last step still carries the image mean), caption dropout for classifier-free
+guidance, an EMA of the weights, and the attribute loss of stage 3 kept on at a small weight so the words stay
+apart while the UNet learns to use them. Checkpoints (weights, EMA, AdamW moments) are written atomically
+every few minutes; every step draws from its own seeded stream, so a resumed run equals a straight one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .train_io import fmt_eta, load_optimizer_tensors, load_st, log, optimizer_tensors, save_atomic
+from .train_text import AttributeHeads, CaptionTokens, caption_batch, encode, pretrain_text
+
+OPT_FORMAT = "2"  # how AdamW moments are named in unet_ckpt.safetensors (by parameter index)
+
+
+def unet_config(args) -> dict:
+    """The toy UNet's architecture: ``model.UNET_CONFIG`` with the ``--unet-config`` JSON overrides."""
+    from dci.toyworld import model as tm
+
+    cfg = dict(tm.UNET_CONFIG)
+    if args.unet_config:
+        extra = json.loads(args.unet_config)
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise SystemExit(f"--unet-config: unknown keys {unknown}; known: {sorted(cfg)}")
+        cfg.update(extra)
+    return cfg
+
+
+def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
+    """Stages 3 and 4; returns (diffusion model, clip, ema, named parameters, seconds), or None when the run
+    stopped at ``--stop-at`` (checkpointed; the same command without it resumes)."""
+    from dci.toyworld import model as tm
+
+    torch.manual_seed(args.seed + 2)
+    text_cfg, unet_cfg = dict(tm.TEXT_CONFIG), unet_config(args)
+    base = tm.build_unet(unet_cfg, text_cfg["hidden_size"])
+    clip = tm.build_clip(text_cfg)
+    dm = base.diffusion_model
+    encoder = clip.cond_stage_model.clip_l
+    te = encoder.transformer
+    tm.init_weights(dm)
+    tm.init_weights(te)
+    tokens = CaptionTokens(clip)
+    heads = AttributeHeads(text_cfg["hidden_size"])
+    for p in list(dm.parameters()) + list(te.parameters()):
+        p.requires_grad_(True)
+    dm.train()
+    te.train()
+    pretrain_text(specs, encoder, heads, tokens, args, work)
+    named = [("unet." + k, p) for k, p in dm.named_parameters()] + [
+        ("text." + k, p) for k, p in te.named_parameters()
+    ]
+    if args.text_aux > 0:
+        named += [("heads." + k, p) for k, p in heads.named_parameters()]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999))
+    ema = {k: p.detach().clone() for k, p in named}
+    alphas_cumprod = 1.0 / (1.0 + base.model_sampling.sigmas.float() ** 2)
+    ckpt = work / "unet_ckpt.safetensors"
+    start, elapsed_before = 0, 0.0
+    if ckpt.exists():
+        sd, meta = load_st(ckpt)
+        if json.loads(meta.get("unet_config", "null") or "null") not in (None, unet_cfg):
+            raise SystemExit(f"{ckpt} was trained with UNet {meta['unet_config']}, not {json.dumps(unet_cfg)}")
+        if meta.get("opt_format") != OPT_FORMAT:
+            raise SystemExit(f"{ckpt}: optimizer state of an older format; start a new work folder")
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(sd["w." + k])
+                ema[k].copy_(sd["ema." + k])
+        load_optimizer_tensors(opt, sd, "opt.")
+        start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
+        log(f"UNet: resumed at step {start}")
+
+    total = args.unet_steps
+    log(f"UNet params {tm.count_parameters(dm):,}, text params {tm.count_parameters(te):,}; {total} steps, "
+        f"batch {args.batch}")
+    t0, run, run_aux, last_ckpt = time.time(), None, None, time.time()
+    warmup = 200
+    for step in range(start, total):
+        rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx, ids, labels = caption_batch(specs, rng, tokens, args.batch, args.caption_dropout)
+        x0 = latents[torch.from_numpy(idx)]
+        noise = torch.randn(x0.shape, generator=g)
+        noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=g)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        lr = args.lr * min(1.0, (step + 1) / warmup)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        ctx = encode(encoder, ids)
+        loss = ((dm(xt, t.float(), context=ctx) - noise) ** 2).mean()
+        aux = heads.loss(ctx, ids, labels) if args.text_aux > 0 else torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        (loss + args.text_aux * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for k, p in named:
+                ema[k].lerp_(p.detach(), 1 - decay)
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
+        run_aux = aux.item() if run_aux is None else 0.98 * run_aux + 0.02 * aux.item()
+
+        done = step + 1
+        if done % 25 == 0 or done == total:
+            per = (time.time() - t0) / (done - start)
+            log(f"UNet step {done}/{total} loss {run:.4f} text {run_aux:.4f} lr {lr:.2e} {per:.3f}s/step "
+                f"eta {fmt_eta(per * (total - done))}")
+        stop = bool(args.stop_at) and done >= args.stop_at and done < total
+        if time.time() - last_ckpt > args.ckpt_minutes * 60 or done == total or stop:
+            seconds = elapsed_before + time.time() - t0
+            tensors = {"w." + k: p for k, p in named}
+            tensors.update({"ema." + k: v for k, v in ema.items()})
+            tensors.update(optimizer_tensors(opt, "opt."))
+            meta = {"step": str(done), "elapsed": str(seconds), "opt_format": OPT_FORMAT,
+                    "unet_config": json.dumps(unet_cfg)}
+            save_atomic(tensors, ckpt, meta)
+            write_model(dm, clip, taesd, ema, named, args, work / "toyworld_latest.safetensors", done, seconds)
+            last_ckpt = time.time()
+            log(f"checkpoint at step {done}")
+        if stop:
+            log(f"stopped at step {done} of {total}; the same command without --stop-at resumes")
+            return None
+    return dm, clip, ema, named, elapsed_before + time.time() - t0
+
+
+def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, seconds: float) -> None:
+    """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata."""
+    from dci.toyworld import model as tm
+    from dci.toyworld.render import WORLD_VERSION
+
+    backup = {k: p.detach().clone() for k, p in named}
+    with torch.no_grad():
+        for k, p in named:
+            p.copy_(ema[k])
+    try:
+        sd = tm.state_dict_for_file(dm, clip.cond_stage_model, taesd)
+    finally:
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(backup[k])
+    recipe = ("seed", "batch", "images", "vae_steps", "decoder_steps", "lr", "offset_noise", "caption_dropout",
+              "text_steps", "text_aux")
+    extra = {"world_version": WORLD_VERSION, "steps": steps, "train_seconds": round(seconds, 1),
+             "vae_from": args.vae_from.name if args.vae_from else "", "prediction": "eps", "zsnr": "false"}
+    extra.update({k: getattr(args, k) for k in recipe})
+    meta = tm.file_metadata(tm.TEXT_CONFIG, unet_config(args), extra)
+    save_atomic(sd, path, meta)
