@@ -1,10 +1,10 @@
 """``make demo``: the project's main job, headless through a real ComfyUI server, on the bundled toy world.
 
 Starts ComfyUI with this pack on a free loopback port (project-local folders under ``.comfy/``), copies the
-bundled training renders of the "badge" concept into ComfyUI's input folder, and queues
-``workflows/api/toyworld_demo.json``: the ICO trainer learns the concept from the five renders (all on a white
-background, centred), then each of four new prompts (other backgrounds, positions, sizes) is sampled with
-the stock KSampler and with the DCI KSampler. The demo follows the progress on the websocket, writes a
+bundled training renders of the "badge" concept into a folder of ComfyUI's input folder, and queues
+``workflows/api/toyworld_demo.json``: Load Image Dataset from Folder reads the five renders (all on a white
+background, centred), the ICO trainer learns the concept from them, then each of four new prompts (other
+backgrounds, positions, sizes) is sampled with the stock KSampler and with the DCI KSampler. The demo follows the progress on the websocket, writes a
 labelled comparison grid, and prints the fidelity/editability metrics of every picture and where the files
 are.
 """
@@ -30,20 +30,27 @@ from .toyworld import concepts, fidelity
 WORKFLOW = host.REPO / "workflows" / "api" / "toyworld_demo.json"
 RENDERS = host.REPO / "assets" / "toyworld" / "concepts" / "badge"
 CONCEPT = "badge"
-CELL, GAP = 64, 2
+FOLDER = "dci_badge"  # the input sub-folder Load Image Dataset from Folder reads
+CELL, GAP = 128, 2
 
 
 def copy_renders() -> None:
-    """The training renders, into ComfyUI's input folder (as a user would upload them)."""
-    target = host.LOCAL / "input"
+    """The training renders, into a folder of ComfyUI's input folder (as a user would put their photos)."""
+    target = host.LOCAL / "input" / FOLDER
     target.mkdir(parents=True, exist_ok=True)
     renders = sorted(RENDERS.glob("*.png"))
     if len(renders) < 5:
         sys.exit(f"the toy-world renders are missing from {RENDERS}; is the checkout complete?")
-    for i, src in enumerate(renders[:5]):
-        dst = target / f"dci_badge_{i}.png"
+    for src in renders[:5]:
+        dst = target / src.name
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            shutil.copyfile(src, dst)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+    stray = sorted(p.name for p in target.iterdir() if p.name not in {r.name for r in renders[:5]})
+    if stray:
+        sys.exit(f"{target} holds other files too ({', '.join(stray)}): the trainer would learn from them; "
+                 "move them away and run again")
 
 
 def cells(grid, rows: int):
@@ -60,7 +67,7 @@ def labelled(grid, prompts: list[str]):
     """The stitched grid enlarged, with a header per sampler and the prompt beside each row."""
     a = np.asarray(grid.convert("RGB"))
     rows = [(p, a[r * (CELL + GAP):(r + 1) * (CELL + GAP)]) for r, p in enumerate(prompts)]
-    return labelled_grid(rows, label_width=330, scale=3, headers=[(0, "plain KSampler"), (CELL + GAP, "DCI KSampler")],
+    return labelled_grid(rows, label_width=330, scale=2, headers=[(0, "plain KSampler"), (CELL + GAP, "DCI KSampler")],
                          margin=10)
 
 

@@ -5,6 +5,11 @@ Both directions use a server's ``/object_info``: which inputs are widgets, their
 optional), and which widgets carry an extra "control after generate" value (``control_after_generate`` in
 the input options, or the names ``seed``/``noise_seed``, as the front end decides).
 
+A graph may have a layout beside it, ``workflows/layout/<name>.json``: ``{"groups": [{"title", "nodes": [ids],
+"color"}], "notes": [{"group": title, "text"}]}``. Its groups are laid out left to right, each around its nodes,
+and each note becomes a front-end Note node at the top of its group. Notes are not part of the API graph (the
+front end never queues them).
+
     python3 dev/host.py python -m dev.workflow_ui      # (re)write workflows/*.json from workflows/api/
 """
 
@@ -20,6 +25,8 @@ WORKFLOWS = HERE.parent / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_NAMES = ("seed", "noise_seed")
 UPLOAD_OPTIONS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
+VIRTUAL_NODES = ("Note", "MarkdownNote")  # front-end only: never queued
+NODE_W, COL_W, ROW_GAP, GROUP_GAP, NOTE_H = 320, 360, 30, 60, 140
 
 
 def _spec(entry) -> tuple[object, dict]:
@@ -77,10 +84,39 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
-def api_to_ui(api: dict, object_info: dict) -> dict:
-    """A UI-format graph with the same nodes (same ids), links and widget values, laid out left to right."""
+def _positions(api: dict, depth: dict[str, int], heights: dict[str, int], layout: dict | None):
+    """Node positions: columns by depth; with a layout, each group gets its own band of columns, left to right,
+    with room for its note on top. Returns (positions, groups as UI entries, note anchors per group title)."""
+    order = sorted(api, key=lambda n: (depth[n], int(n) if n.isdigit() else n))
+    groups = (layout or {}).get("groups") or [{"title": "", "nodes": order}]
+    placed = {str(n) for g in groups for n in g["nodes"]}
+    missing = [n for n in order if n not in placed]
+    if missing:
+        raise ValueError(f"layout: nodes {missing} are in no group")
+    noted = {n["group"] for n in (layout or {}).get("notes", [])}
+    pos, ui_groups, anchors, x = {}, [], {}, 40
+    for g in groups:
+        members = [n for n in order if n in {str(m) for m in g["nodes"]}]
+        first = min(depth[n] for n in members)
+        top = 40 + (NOTE_H + ROW_GAP if g["title"] in noted else 0) + (40 if layout else 0)
+        y_at: dict[int, int] = {}
+        for n in members:
+            col = depth[n] - first
+            pos[n] = [x + COL_W * col, y_at.get(col, top)]
+            y_at[col] = pos[n][1] + heights[n] + ROW_GAP
+        width = COL_W * (max(depth[n] for n in members) - first) + NODE_W
+        if layout:
+            ui_groups.append({"title": g["title"], "bounding": [x - 20, 0, width + 40, max(y_at.values()) + 20],
+                              "color": g.get("color", "#3f789e"), "font_size": 24, "flags": {}})
+            anchors[g["title"]] = (x, 40 + 40, width)
+        x += width + GROUP_GAP + 40
+    return pos, ui_groups, anchors
+
+
+def api_to_ui(api: dict, object_info: dict, layout: dict | None = None) -> dict:
+    """A UI-format graph with the same nodes (same ids), links and widget values, laid out left to right (in
+    the groups of ``layout``, with its notes, when given)."""
     depth = _depths(api)
-    rows: dict[int, int] = {}
     nodes, links = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     link_id = 0
@@ -116,23 +152,36 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         for slot, (oname, otype) in enumerate(zip(names, info["output"], strict=True)):
             outputs.append({"name": oname, "type": otype, "links": out_links.get((node, slot), []),
                             "slot_index": slot})
-        col = depth[node]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         height = 80 + 26 * (len(inputs) + len(widgets) + len(outputs))
         nodes.append({
-            "id": int(node), "type": cls, "pos": [40 + 360 * col, 40 + 320 * row],
-            "size": [320, height], "flags": {}, "order": order, "mode": 0,
+            "id": int(node), "type": cls, "pos": [0, 0],
+            "size": [NODE_W, height], "flags": {}, "order": order, "mode": 0,
             "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": cls}, "widgets_values": widgets,
         })
+    pos, groups, anchors = _positions(api, depth, {str(n["id"]): n["size"][1] for n in nodes}, layout)
+    for n in nodes:
+        n["pos"] = pos[str(n["id"])]
+    next_id = max(n["id"] for n in nodes)
+    for note in (layout or {}).get("notes", []):
+        next_id += 1
+        x, y, width = anchors[note["group"]]
+        nodes.append({"id": next_id, "type": "Note", "pos": [x, y], "size": [width, NOTE_H], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                      "widgets_values": [note["text"]]})
     for link in links:
         dst = next(n for n in nodes if n["id"] == link[3])
         link[4] = next(i for i, x in enumerate(dst["inputs"]) if x["name"] == link[4])
     return {
-        "last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id,
-        "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4,
+        "last_node_id": next_id, "last_link_id": link_id,
+        "nodes": nodes, "links": links, "groups": groups, "config": {}, "extra": {}, "version": 0.4,
     }
+
+
+def layout_for(api_path: Path) -> dict | None:
+    """The layout beside an API graph (``workflows/layout/<name>.json``), if there is one."""
+    path = WORKFLOWS / "layout" / api_path.name
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
@@ -140,7 +189,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for n in ui["nodes"]:
-        if n.get("mode", 0) != 0:
+        if n.get("mode", 0) != 0 or n["type"] in VIRTUAL_NODES:
             continue
         info = object_info.get(n["type"])
         if info is None:
@@ -177,7 +226,7 @@ def write_all(object_info: dict) -> list[Path]:
     each equals what the front end queues for its UI twin."""
     written = []
     for api_path in sorted((WORKFLOWS / "api").glob("*.json")):
-        ui = api_to_ui(json.loads(api_path.read_text()), object_info)
+        ui = api_to_ui(json.loads(api_path.read_text()), object_info, layout_for(api_path))
         _write(api_path, ui_to_api(ui, object_info), 2)
         _write(WORKFLOWS / api_path.name, ui, 1)
         written += [api_path, WORKFLOWS / api_path.name]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dev.workflow_ui import api_to_ui, ui_to_api
+from dev.workflow_ui import VIRTUAL_NODES, api_to_ui, layout_for, ui_to_api
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +26,13 @@ def test_ui_graph_converts_to_its_api_twin(server, ui_path):
     ui = json.loads(ui_path.read_text())
     api = json.loads((WORKFLOWS / "api" / ui_path.name).read_text())
     assert ui_to_api(ui, info) == api
-    assert api_to_ui(api, info) == ui  # the shipped UI file is current
+    assert api_to_ui(api, info, layout_for(WORKFLOWS / "api" / ui_path.name)) == ui  # the UI file is current
     for node in ui["nodes"]:
-        assert node["type"] in info, f"{node['type']} is not a stock node or one of ours"
+        assert node["type"] in info or node["type"] in VIRTUAL_NODES, f"{node['type']} is not a stock node or ours"
+    for group in ui["groups"]:  # every group holds the nodes it is drawn around
+        x, y, w, h = group["bounding"]
+        inside = [n for n in ui["nodes"] if x <= n["pos"][0] and n["pos"][0] + n["size"][0] <= x + w]
+        assert inside, group["title"]
     for link in ui["links"]:
         src = next(n for n in ui["nodes"] if n["id"] == link[1])
         dst = next(n for n in ui["nodes"] if n["id"] == link[3])
