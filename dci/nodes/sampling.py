@@ -27,9 +27,11 @@ def _dci_options() -> dict:
         "lam": spec("FLOAT", "λ: how strongly the auxiliary branch's attention map pulls the blend towards the "
                     "auxiliary output (reference 0; typically -2…2).", default=DBIM.lam, min=-10.0, max=10.0,
                     step=0.1),
-        "aux_map": spec(list(READINGS), "Which auxiliary tokens make the auxiliary map: 'reference' = the "
-                        "auxiliary noun (reference code), 'paper' = the other prompt words (the paper's figure).",
-                        default=DBIM.reading),
+        "aux_map": spec(list(READINGS), "Which words make the auxiliary map that λ weighs. 'reference': the "
+                        "auxiliary branch's attention to the context words (its prompt without the auxiliary noun), "
+                        "as the reference code and the paper compute it. 'noun': its attention to the auxiliary "
+                        "noun itself, a variant (what 'reference' meant before 0.2.0). 'paper': the same as "
+                        "'reference', kept for workflows saved with that name.", default=DBIM.reading),
         "guidance": spec(list(GUIDANCE_MODES), "'shared': the auxiliary branch reuses the concept latent's "
                          "unconditional prediction (3 rows per image, cheaper); 'separate': ordinary CFG per "
                          "branch (4 rows).", default=PLAN.guidance),
