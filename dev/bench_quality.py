@@ -9,7 +9,8 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 - ``ico``: DCI Train Concept, mode ico (per-image contexts);
 
 and each trained concept sampled with the stock KSampler and with DCI KSampler over a small split/λ sweep
-(``--dci``; separate guidance, reference map and normalisation; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch, learning
+(``--dci``; separate guidance, reference map (the context words) and normalisation unless a row says
+otherwise; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch, learning
 rate, seed) and the same sampler settings (steps, CFG, sampler, 64×64, seeds). Prompts are the concept's
 evaluation scenes (other positions and backgrounds than the training renders, both sizes), spread evenly.
 
@@ -20,7 +21,7 @@ Prints a table (mean ± standard error over images, and the per-concept fidelity
 method: method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px,0.3:1:base] [--threads 1]
+       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--threads 1]
        [--grid out.png]
 """
 
@@ -66,9 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=300, help="training steps per concept and method")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
     p.add_argument("--dci", default=DEFAULT_DCI,
-                   help="DCI settings to sweep, 'split:λ[:ref|px][:base]' comma list (px: pixel_count normalisation; base: the "
-                        "auxiliary branch on the base model's K/V; empty: no DCI). λ 0 at the reference κ "
-                        "is one run only: at the toy model's 8×8 and 4×4 attention maps it blends almost nothing")
+                   help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
+                        "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
+                        "from the auxiliary noun instead of the context words; empty: no DCI). λ 0 at the reference "
+                        "κ is one run only: at the toy model's 8×8 and 4×4 attention maps it blends almost nothing")
     p.add_argument("--methods", default="base,cd,ico", help="comma list of base, cd, ico")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
@@ -79,22 +81,26 @@ def parse_args(argv=None):
 NORM_SHORT = {"ref": "reference", "px": "pixel_count"}
 
 
-def dci_sweep(text: str) -> list[tuple[float, float, str, bool]]:
-    """``"0.2:1,0.3:0:px,0.3:1:base"`` → [(0.2, 1.0, "reference", False), (0.3, 0.0, "pixel_count", False),
-    (0.3, 1.0, "reference", True)]; ``base``: the auxiliary branch on the base model's K/V (``aux_model``)."""
+def dci_sweep(text: str) -> list[tuple[float, float, str, bool, str]]:
+    """``"0.2:1,0.3:0:px,0.3:1:base,0.3:-1:noun"`` → [(0.2, 1.0, "reference", False, "reference"),
+    (0.3, 0.0, "pixel_count", False, "reference"), (0.3, 1.0, "reference", True, "reference"),
+    (0.3, -1.0, "reference", False, "noun")]: split, λ, normalisation, the auxiliary branch on the base
+    model's K/V (``aux_model``), the auxiliary map's reading (``aux_map``)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         split, _, rest = item.partition(":")
         lam, *flags = rest.split(":")
-        if any(f not in (*NORM_SHORT, "base") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
-            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+        usage = f"--dci: {item!r} is not 'split:λ[:ref|px][:base][:noun]' (e.g. 0.3:1, 0.3:-1:px or 0.3:1:noun)"
+        if any(f not in (*NORM_SHORT, "base", "noun") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
+            sys.exit(usage)
         norm = next((NORM_SHORT[f] for f in flags if f in NORM_SHORT), "reference")
         try:
-            out.append((float(split), float(lam or 0.0), norm, "base" in flags))
+            out.append((float(split), float(lam or 0.0), norm, "base" in flags,
+                        "noun" if "noun" in flags else "reference"))
         except ValueError:
-            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+            sys.exit(usage)
         if not 0.0 <= out[-1][0] <= 1.0:
             sys.exit(f"--dci: split {split} must be between 0 and 1")
     return out
@@ -140,7 +146,7 @@ class Bench:
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool] | None) -> np.ndarray:
+    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool, str] | None) -> np.ndarray:
         """One batch of ``--seeds`` images; uint8 [B, 64, 64, 3]."""
         a = self.args
         (latent,) = self.run("EmptyLatentImage", width=64, height=64, batch_size=a.seeds)[0]
@@ -150,7 +156,7 @@ class Bench:
             (out,) = self.run("KSampler", **common)[0]
         else:
             extra = {"aux_model": self.model} if dci[3] else {}
-            (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map="reference",
+            (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map=dci[4],
                               guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
         (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
@@ -220,10 +226,12 @@ class Bench:
                     t0 = time.perf_counter()
                     (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
                                        auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
-                    for split, lam, norm, on_base in sweep:
-                        tag = ("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+                    for row in sweep:
+                        split, lam, norm, on_base, reading = row
+                        tag = (("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+                               + ("_noun" if reading == "noun" else ""))
                         self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
-                                   self.sample(model, dpos, 1000 + i, (split, lam, norm, on_base)))
+                                   self.sample(model, dpos, 1000 + i, row))
                     self._tick("sample dci", t0)
             print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
                   flush=True)
