@@ -11,10 +11,11 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 - ``ico``: DCI Train Concept, mode ico (per-image contexts);
 
 and each trained concept sampled with the stock KSampler and with DCI KSampler over a small split/λ sweep
-(``--dci``; separate guidance, reference map and normalisation; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch, learning
-rate, seed) and the same sampler settings (steps, CFG, sampler, the world's size, seeds). Prompts are the
-concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes), spread
-evenly.
+(``--dci``; separate guidance, reference map (the context words) and normalisation unless a row says
+otherwise; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch,
+learning rate, seed) and the same sampler settings (steps, CFG, sampler, the world's size, seeds). Prompts are
+the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
+spread evenly.
 
 Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
 (background, position and size as the prompt asks), prompt_acc (those plus the concept's colours). The two
@@ -29,7 +30,7 @@ fidelity_floor=<0..1> fidelity_ceiling=<0..1>
 method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 300] [--dci 0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px,0.3:1:base] [--threads 1]
+       [--train-steps 300] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--threads 1]
        [--grid out.png] [--plot out.png]
 """
 
@@ -56,8 +57,10 @@ TRAIN = dict(num_tokens=2, prefix_context="photo of a", suffix_context=".", batc
              learning_rate=3e-4, context_lr_multiplier=10.0, resolution=128, seed=0, precision="fp32",
              gradient_checkpointing=False, overwrite=True, resume=False, checkpoint_every=0, random_flip=False)
 N_TRAIN_IMAGES = 5
-# Splits 0.2 (newest reference example), 0.3 (reference default), 0.5; λ 1, and λ 0 (reference default) once.
-DEFAULT_DCI = "0.2:1,0.3:0,0.3:1,0.5:1,0.3:0:px,0.3:1:px"
+# The sweep (see docs/benchmarks.md): split 0.3 (the reference default) at λ -2…2, the reference
+# default λ 0, splits 0.2 (newest reference example) and 0.5 at λ 1; then one change each: the noun reading,
+# pixel_count normalisation, the auxiliary branch on the base model's K/V.
+DEFAULT_DCI = "0.3:0,0.3:-2,0.3:-1,0.3:1,0.3:2,0.2:1,0.5:1,0.3:1:noun,0.3:-1:noun,0.3:1:px,0.3:1:base"
 
 
 def parse_args(argv=None):
@@ -73,9 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=300, help="training steps per concept and method")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
     p.add_argument("--dci", default=DEFAULT_DCI,
-                   help="DCI settings to sweep, 'split:λ[:ref|px][:base]' comma list (px: pixel_count normalisation; base: the "
-                        "auxiliary branch on the base model's K/V; empty: no DCI). λ 0 at the reference κ "
-                        "is one run only: at the toy model's 8×8 and 4×4 attention maps it blends almost nothing")
+                   help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
+                        "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
+                        "from the auxiliary noun instead of the context words; empty: no DCI)")
     p.add_argument("--methods", default="base,base_desc,cd,ico", help="comma list of base, base_desc, cd, ico")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
@@ -87,22 +90,26 @@ def parse_args(argv=None):
 NORM_SHORT = {"ref": "reference", "px": "pixel_count"}
 
 
-def dci_sweep(text: str) -> list[tuple[float, float, str, bool]]:
-    """``"0.2:1,0.3:0:px,0.3:1:base"`` → [(0.2, 1.0, "reference", False), (0.3, 0.0, "pixel_count", False),
-    (0.3, 1.0, "reference", True)]; ``base``: the auxiliary branch on the base model's K/V (``aux_model``)."""
+def dci_sweep(text: str) -> list[tuple[float, float, str, bool, str]]:
+    """``"0.2:1,0.3:0:px,0.3:1:base,0.3:-1:noun"`` → [(0.2, 1.0, "reference", False, "reference"),
+    (0.3, 0.0, "pixel_count", False, "reference"), (0.3, 1.0, "reference", True, "reference"),
+    (0.3, -1.0, "reference", False, "noun")]: split, λ, normalisation, the auxiliary branch on the base
+    model's K/V (``aux_model``), the auxiliary map's reading (``aux_map``)."""
     out = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         split, _, rest = item.partition(":")
         lam, *flags = rest.split(":")
-        if any(f not in (*NORM_SHORT, "base") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
-            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+        usage = f"--dci: {item!r} is not 'split:λ[:ref|px][:base][:noun]' (e.g. 0.3:1, 0.3:-1:px or 0.3:1:noun)"
+        if any(f not in (*NORM_SHORT, "base", "noun") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
+            sys.exit(usage)
         norm = next((NORM_SHORT[f] for f in flags if f in NORM_SHORT), "reference")
         try:
-            out.append((float(split), float(lam or 0.0), norm, "base" in flags))
+            out.append((float(split), float(lam or 0.0), norm, "base" in flags,
+                        "noun" if "noun" in flags else "reference"))
         except ValueError:
-            sys.exit(f"--dci: {item!r} is not 'split:λ[:ref|px][:base]' (e.g. 0.3:1, 0.3:0:px or 0.3:1:base)")
+            sys.exit(usage)
         if not 0.0 <= out[-1][0] <= 1.0:
             sys.exit(f"--dci: split {split} must be between 0 and 1")
     return out
@@ -149,7 +156,7 @@ class Bench:
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool] | None) -> np.ndarray:
+    def sample(self, model, positive, seed: int, dci: tuple[float, float, str, bool, str] | None) -> np.ndarray:
         """One batch of ``--seeds`` images; uint8 [B, S, S, 3]."""
         from dci.toyworld.render import IMAGE_SIZE
 
@@ -161,7 +168,7 @@ class Bench:
             (out,) = self.run("KSampler", **common)[0]
         else:
             extra = {"aux_model": self.model} if dci[3] else {}
-            (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map="reference",
+            (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map=dci[4],
                               guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
         (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
@@ -253,10 +260,12 @@ class Bench:
                     t0 = time.perf_counter()
                     (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
                                        auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
-                    for split, lam, norm, on_base in sweep:
-                        tag = ("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+                    for row in sweep:
+                        split, lam, norm, on_base, reading = row
+                        tag = (("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+                               + ("_noun" if reading == "noun" else ""))
                         self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
-                                   self.sample(model, dpos, 1000 + i, (split, lam, norm, on_base)))
+                                   self.sample(model, dpos, 1000 + i, row))
                     self._tick("sample dci", t0)
             print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
                   flush=True)

@@ -7,6 +7,8 @@
 * ``tiny_sd15_in_memory`` / ``tiny_sdxl_in_memory`` / ``tiny_sd2_in_memory``: MODEL, CLIP, VAE objects built
   directly in memory (32-64 channels), for fast in-process tests.
 * ``random_concept`` / ``write_concept``: a concept file for a given MODEL/CLIP from random tensors.
+* ``FixedBlend``, ``dci_sample``, ``BranchProbe``: DCI sampling with a forced blend weight, and a record of
+  which model calls ran both branches.
 
 Callers boot ComfyUI first (``dev.harness``).
 """
@@ -305,6 +307,37 @@ def dci_sample(model, positive, negative, latent: dict, settings, plan, seed: in
     guider = build_guider(model, positive, negative, cfg, plan, settings)
     with torch.inference_mode():
         return guider.sample(noise, samples, comfy.samplers.sampler_object(sampler), sigmas, seed=seed)
+
+
+class BranchProbe:
+    """Which model calls of a sampling run carried both DCI branches, and at which noise level.
+
+    ``attach`` gives a clone of a MODEL with an APPLY_MODEL wrapper of the probe's own (owner key
+    ``dci_probe``); the wrapper records (sigma, two branches?) for every UNet call: two branches when the DCI
+    guider sent its two-branch step with the call. Samplers that call the model once per step (euler, ddim,
+    ancestral ones) give one call per step.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, bool]] = []
+
+    def attach(self, model):
+        import comfy.patcher_extension
+
+        probed = model.clone()
+        probed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dci_probe", self._record)
+        return probed
+
+    def _record(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                **kwargs):
+        from dci.comfyui.sampling.attention import STEP_KEY
+
+        self.calls.append((float(t.max()), STEP_KEY in (transformer_options or {})))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def sigmas(self, two_branches: bool) -> list[float]:
+        """The distinct sigmas of the calls with (True) or without (False) both branches, highest first."""
+        return sorted({s for s, two in self.calls if two == two_branches}, reverse=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,14 @@ class BranchError(ValueError):
 
 @dataclass(frozen=True)
 class DCIPlan:
-    """How the two branches run: for which fraction of the steps, with which guidance, from which noise.
+    """How the two branches run: for how much of the noise schedule, with which guidance, from which noise.
 
-    The defaults are the nodes' defaults: the paper's split of 0.3 (the newest reference example uses 0.2),
-    shared guidance as in the reference code, and the seed of the auxiliary branch's own noise.
+    ``split`` is a share of the noise schedule, as the reference code's timestep rule (two branches while
+    t / 1000 > 1 - split) and ComfyUI's start/end percents have it: the two-branch phase lasts while the
+    noise level is above the sigma that ``model_sampling.percent_to_sigma(split)`` gives, so it ends at the
+    same noise level under every scheduler, step count and denoise. The defaults are the nodes' defaults:
+    the paper's split of 0.3 (the newest reference example uses 0.2), shared guidance as in the reference
+    code, and the seed of the auxiliary branch's own noise.
     """
 
     split: float = 0.3
@@ -37,19 +41,15 @@ class DCIPlan:
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.split <= 1.0):
-            raise BranchError(f"split must be between 0 and 1 (the fraction of steps with two branches); got "
-                              f"{self.split}")
+            raise BranchError(f"split must be between 0 and 1 (the share of the noise schedule with two branches); "
+                              f"got {self.split}")
         if self.guidance not in GUIDANCE_MODES:
             raise BranchError(f"guidance must be one of {GUIDANCE_MODES}; got {self.guidance!r}")
 
 
-def split_sigma(sigmas: torch.Tensor, split: float) -> float:
-    """Model calls at a sigma above this run both branches: the first round(split × steps) steps."""
-    steps = len(sigmas) - 1
-    if steps < 1:
-        return math.inf
-    n = min(steps, max(0, round(split * steps)))
-    return float(sigmas[n]) if n > 0 else math.inf
+def two_branch_steps(sigmas: torch.Tensor, end_sigma: float) -> int:
+    """How many steps of a schedule run both branches: those that start above the phase's end sigma."""
+    return int((sigmas[:-1] > end_sigma).sum()) if len(sigmas) > 1 else 0
 
 
 def repeat_to(context: torch.Tensor, length: int) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 During the early phase of DCI sampling, every cross-attention layer replaces the concept branch's attention
 output with a per-pixel, per-head blend of its own output and the auxiliary branch's output. The blend
-weight comes from where each branch attends to its nouns (the method's DCI section, steps 1-6):
+weight comes from where the concept branch attends to the concept and where the auxiliary branch attends to
+the rest of its prompt (the method's DCI section, steps 1-6):
 
 1. P: cross-attention probabilities of the two conditional rows (``attention_probs``).
 2. S = softmax over the real prompt tokens of tau * P.
-3. m_c = sum of S_c over the concept tokens; m_a = sum of S_a over the auxiliary-map tokens.
+3. m_c = sum of S_c over the concept tokens; m_a = sum of S_a over the auxiliary-map tokens: the context
+   words (every real prompt token but the auxiliary noun) in the reference reading, the noun in a variant.
 4. M = spatial normalisation of tau * m per layer (``NORMALIZATIONS``).
 5. w_c = sigmoid(M_c - lam * M_a)  (``dbim_weights``).
 6. O_c <- w_c * O_c + (1 - w_c) * O_a  (``blend_outputs``).
@@ -24,8 +26,16 @@ from dataclasses import dataclass
 
 import torch
 
-READINGS = ("reference", "paper")
-"""Which tokens feed the auxiliary map: the auxiliary noun ("reference" code) or the context ("paper")."""
+READINGS = ("reference", "noun", "paper")
+"""Which tokens feed the auxiliary map m_a.
+
+"reference": the context words, i.e. the auxiliary prompt's real tokens except the auxiliary noun. The
+reference code computes the total mass of S_a minus the noun's mass, which is the same sum; the paper's
+figure shows the same map. "noun": the auxiliary noun's own tokens, a variant. "paper": the same map as
+"reference" under an older name, so that workflows saved with it load and sample unchanged.
+"""
+
+CONTEXT_READINGS = ("reference", "paper")
 
 REFERENCE_PIXELS = 64 * 64
 """Pixel count at which the "pixel_count" normalisation equals the "reference" one (SD1.5's finest
@@ -76,17 +86,21 @@ def attention_probs(
 def auxiliary_map_tokens(
     aux_noun_tokens: torch.Tensor, prompt_tokens: torch.Tensor, reading: str
 ) -> torch.Tensor:
-    """Token mask that the auxiliary map m_a sums over, for one of the two readings of the method.
+    """Token mask that the auxiliary map m_a sums over, for one of the ``READINGS``.
 
-    The reference code sums the auxiliary branch's attention over the auxiliary noun's tokens; the paper's
-    figure sums it over the context, i.e. the real prompt tokens that are not the auxiliary noun.
+    The context reading may leave no token (a prompt that is only the concept phrase): then m_a is 0
+    everywhere, as the reference's "total minus noun" is. The noun reading needs the noun among the prompt's
+    tokens, because an empty noun mask means the masks do not belong to this prompt.
     """
     aux = aux_noun_tokens.bool()
     prompt = prompt_tokens.bool()
-    if reading == "reference":
-        return aux & prompt
-    if reading == "paper":
+    if reading in CONTEXT_READINGS:
         return prompt & ~aux
+    if reading == "noun":
+        noun = aux & prompt
+        if not bool(noun.reshape(-1, noun.shape[-1]).any(dim=-1).all()):
+            raise ValueError("the auxiliary noun is not among the auxiliary prompt's tokens (reading 'noun')")
+        return noun
     raise ValueError(f"reading must be one of {READINGS}; got {reading!r}")
 
 
@@ -172,7 +186,8 @@ def dbim_weights(
             ``p_a`` may be None when ``lam == 0``, because then the auxiliary map has no effect.
         concept_tokens: [T] or [B, T] mask of the concept phrase's tokens (V* and the class noun).
         aux_tokens: [T] or [B, T] mask of the tokens the auxiliary map sums over; build it with
-            ``auxiliary_map_tokens`` for the chosen reading. Ignored when ``lam == 0``.
+            ``auxiliary_map_tokens`` for the chosen reading. Ignored when ``lam == 0``. A row without any
+            token gives m_a = 0 there (a uniform M_a).
         prompt_tokens_c, prompt_tokens_a: [T] or [B, T] masks of the real prompt tokens of each branch
             (SOS, EOS and padding excluded).
         tau: temperature of both softmaxes; kappa: scale of the spatial normalisation.
@@ -203,14 +218,6 @@ def dbim_weights(
         if p_a.shape[:3] != p_c.shape[:3]:
             raise ValueError(
                 f"P of the two branches differ in [B, heads, N]: {tuple(p_c.shape)} vs {tuple(p_a.shape)}"
-            )
-        aux = _as_token_mask(aux_tokens, p_a.shape[0], p_a.shape[3], "aux_tokens")
-        prompt_a = _as_token_mask(prompt_tokens_a, p_a.shape[0], p_a.shape[3], "prompt_tokens_a")
-        if not bool((aux & prompt_a).flatten(1).any(1).all()):
-            raise ValueError(
-                "the auxiliary-map mask is empty in some row: with reading 'reference' the auxiliary noun "
-                "must be in the auxiliary prompt, with 'paper' the prompt needs words besides that noun; "
-                "or set lam = 0"
             )
         m_a = _token_map(p_a, prompt_tokens_a, aux_tokens, tau, "auxiliary")
         logit = logit - lam * normalize(m_a, tau, kappa)

@@ -22,14 +22,19 @@ PLAN, DBIM = DCIPlan(), DBIMSettings()  # the defaults of every DCI input
 def _dci_options() -> dict:
     """The inputs that DCI adds, shared by the KSampler replacement and the guider (same order in both)."""
     return {
-        "split": spec("FLOAT", "Fraction of the steps that run two branches (concept + auxiliary). 0 = plain "
-                      "sampling; the method uses 0.2-0.3.", default=PLAN.split, min=0.0, max=1.0, step=0.01),
+        "split": spec("FLOAT", "How much of the noise schedule, from its noisy start, runs two branches (concept + "
+                      "auxiliary): the phase lasts while the noise level is above ComfyUI's percent_to_sigma(split), "
+                      "as in the reference code and ComfyUI's start/end percents, whatever the scheduler, steps or "
+                      "denoise. 0 = plain sampling; the method uses 0.2-0.3.", default=PLAN.split, min=0.0,
+                      max=1.0, step=0.01),
         "lam": spec("FLOAT", "λ: how strongly the auxiliary branch's attention map pulls the blend towards the "
                     "auxiliary output (reference 0; typically -2…2).", default=DBIM.lam, min=-10.0, max=10.0,
                     step=0.1),
-        "aux_map": spec(list(READINGS), "Which auxiliary tokens make the auxiliary map: 'reference' = the "
-                        "auxiliary noun (reference code), 'paper' = the other prompt words (the paper's figure).",
-                        default=DBIM.reading),
+        "aux_map": spec(list(READINGS), "Which words make the auxiliary map that λ weighs. 'reference': the "
+                        "auxiliary branch's attention to the context words (its prompt without the auxiliary noun), "
+                        "as the reference code and the paper compute it. 'noun': its attention to the auxiliary "
+                        "noun itself, a variant (what 'reference' meant before 0.2.0). 'paper': the same as "
+                        "'reference', kept for workflows saved with that name.", default=DBIM.reading),
         "guidance": spec(list(GUIDANCE_MODES), "'shared': the auxiliary branch reuses the concept latent's "
                          "unconditional prediction (3 rows per image, cheaper); 'separate': ordinary CFG per "
                          "branch (4 rows).", default=PLAN.guidance),
@@ -122,8 +127,8 @@ class DCIKSampler:
     DISPLAY_NAME = "DCI KSampler"
     CATEGORY = "concept/sampling"
     DESCRIPTION = (
-        "Drop-in replacement of KSampler for a concept: for the first 'split' of the steps it runs the concept "
-        "branch and an auxiliary branch (the prompt with a common noun instead of the concept) in one batched "
+        "Drop-in replacement of KSampler for a concept: in the noisy early part of the schedule (set by 'split') it "
+        "runs the concept branch and an auxiliary branch (the prompt with a common noun instead of the concept) in one batched "
         "UNet call and blends their cross-attention outputs (DBIM), so the concept keeps its look while the "
         "scene follows the prompt; then it finishes the concept branch alone. split = 0 is the stock KSampler."
     )
@@ -147,8 +152,9 @@ class DCIKSampler:
                 "positive": spec("CONDITIONING", "From DCI Prompt Encode."),
                 "negative": spec("CONDITIONING", "The negative prompt (stock CLIP Text Encode)."),
                 "latent_image": spec("LATENT", "The latent to denoise."),
-                "denoise": spec("FLOAT", "As in KSampler; the split applies to the steps that run.", default=1.0,
-                                min=0.0, max=1.0, step=0.01),
+                "denoise": spec("FLOAT", "As in KSampler. The split is a noise level, so a partial denoise runs two "
+                                "branches only where its schedule is above it (nowhere if it starts below).",
+                                default=1.0, min=0.0, max=1.0, step=0.01),
                 **_dci_options(),
             },
             "optional": _advanced_options(),

@@ -65,10 +65,11 @@ def test_weight_one_leaves_every_sampler_on_the_concept_branchs_own_path(comfy, 
 
 @pytest.mark.parametrize("kw", [{"cfg": 1.0}, {"denoise": 0.5}])
 def test_cfg_one_and_partial_denoise_with_forced_weights(comfy, tiny_sd15, kw):
-    """cfg 1 runs no unconditional pass, denoise < 1 starts late; the two branches still pair right."""
+    """cfg 1 runs no unconditional pass, denoise < 1 starts late (below split 0.5's noise level, hence 0.8);
+    the two branches still pair right."""
     m, c, pos, neg, lat = prepared(comfy, tiny_sd15, batch=2)
     (aux_pos,), _ = comfy.run_node("CLIPTextEncode", clip=c, text=pos[0][1]["dci"].aux_prompt)
-    close(dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.5), **kw), stock(comfy, m, pos, neg, lat, **kw))
+    close(dci_sample(m, pos, neg, lat, FixedBlend(1.0), DCIPlan(split=0.8), **kw), stock(comfy, m, pos, neg, lat, **kw))
     close(dci_sample(m, pos, neg, lat, FixedBlend(0.0), DCIPlan(split=1.0, aux_seed=7), **kw),
           stock(comfy, m, aux_pos, neg, lat, **kw))
 

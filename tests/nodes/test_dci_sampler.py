@@ -145,12 +145,14 @@ def test_every_kind_of_sampler_blends_reproducibly_with_two_branches(comfy, tiny
 
 def test_cfg_one_and_denoise_below_one_blend_and_stay_reproducible(comfy, tiny_sd15):
     m, c, pos, neg, lat = dci_inputs(comfy, *tiny_sd15[:2])
-    for kw in ({"cfg": 1.0}, {"denoise": 0.5}):
+    for kw in ({"cfg": 1.0}, {"denoise": 0.5}):  # split 0.8 reaches into the partial schedule of denoise 0.5
         args = ksampler_args(m, pos, neg, lat, **kw)
-        out = dci(comfy, args, split=0.5, lam=1.0, aux_map="paper")
-        assert torch.equal(dci(comfy, args, split=0.5, lam=1.0, aux_map="paper"), out), kw
+        out = dci(comfy, args, split=0.8, lam=1.0, aux_map="noun")
+        assert torch.equal(dci(comfy, args, split=0.8, lam=1.0, aux_map="noun"), out), kw
         assert not torch.equal(out, stock(comfy, args)), kw
-        assert not torch.equal(out, dci(comfy, args, split=0.5, lam=1.0, aux_map="reference")), kw
+        assert not torch.equal(out, dci(comfy, args, split=0.8, lam=1.0, aux_map="reference")), kw
+        assert torch.equal(dci(comfy, args, split=0.8, lam=1.0, aux_map="paper"),
+                           dci(comfy, args, split=0.8, lam=1.0, aux_map="reference")), kw
 
 
 def test_the_guider_with_sampler_custom_advanced(comfy, tiny_sd15):

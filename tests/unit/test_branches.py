@@ -14,8 +14,8 @@ from dci.method.branches import (
     call_rows,
     kept_rows,
     shared_uncond,
-    split_sigma,
     stack_branches,
+    two_branch_steps,
 )
 
 
@@ -65,13 +65,13 @@ def test_shared_uncond_gives_the_auxiliary_latent_the_concept_latents_noise_pred
     assert half.dtype == torch.float16
 
 
-def test_split_sigma_counts_the_steps_that_run_two_branches():
-    sigmas = torch.linspace(10.0, 0.0, 11)  # 10 steps
-    assert split_sigma(sigmas, 0.0) == math.inf
-    assert split_sigma(sigmas, 0.3) == pytest.approx(7.0)  # calls above sigma 7: the first 3 steps
-    assert split_sigma(sigmas, 0.25) == pytest.approx(8.0)  # round(2.5) = 2 steps
-    assert split_sigma(sigmas, 1.0) == 0.0
-    assert split_sigma(torch.tensor([1.0]), 0.5) == math.inf
+def test_two_branch_steps_count_the_steps_that_start_above_the_split_sigma():
+    sigmas = torch.linspace(10.0, 0.0, 11)  # 10 steps, starting at 10, 9, ..., 1
+    assert two_branch_steps(sigmas, math.inf) == 0  # split 0
+    assert two_branch_steps(sigmas, 6.5) == 4  # steps from 10, 9, 8, 7
+    assert two_branch_steps(sigmas, 7.0) == 3  # a step that starts at the split sigma runs one branch
+    assert two_branch_steps(sigmas, 0.0) == 10  # split 1: every step
+    assert two_branch_steps(torch.tensor([1.0]), 0.5) == 0  # no steps at all
 
 
 def test_stack_branches_repeats_contexts_to_their_common_length():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dci.method.dbim import (
+    NORMALIZATIONS,
     REFERENCE_PIXELS,
     DBIMSettings,
     attention_probs,
@@ -71,9 +72,9 @@ def _sigmoid(x: float) -> float:
 
 def _loop_weights(p_c, p_a, masks, reading, normalization, tau, kappa, lam) -> torch.Tensor:
     prompt, concept, aux_noun = masks["prompt"], masks["concept"], masks["aux_noun"]
-    if reading == "reference":
+    if reading == "noun":
         aux = [[bool(aux_noun[b, t]) for t in range(T)] for b in range(2)]
-    else:
+    else:  # the context words: every real prompt token but the auxiliary noun
         aux = [[bool(prompt[b, t]) and not bool(aux_noun[b, t]) for t in range(T)] for b in range(2)]
     mc = _loop_normalize(_loop_map(p_c, prompt, concept, tau), tau, kappa, normalization)
     ma = _loop_normalize(_loop_map(p_a, prompt, torch.tensor(aux), tau), tau, kappa, normalization)
@@ -85,7 +86,7 @@ def _loop_weights(p_c, p_a, masks, reading, normalization, tau, kappa, lam) -> t
 
 
 @pytest.mark.parametrize("n,heads", [(16, 1), (64, 8), (256, 2)])
-@pytest.mark.parametrize("reading", ["reference", "paper"])
+@pytest.mark.parametrize("reading", ["reference", "noun"])
 @pytest.mark.parametrize("normalization", ["reference", "pixel_count"])
 def test_weights_match_loop_recomputation(n: int, heads: int, reading: str, normalization: str) -> None:
     gen = torch.Generator().manual_seed(n * 31 + heads)
@@ -113,7 +114,7 @@ def test_settings_build_the_same_weights_as_the_function() -> None:
     gen = torch.Generator().manual_seed(0)
     masks = _masks()
     p_c, p_a = _random_probs(2, 2, 16, gen), _random_probs(2, 2, 16, gen)
-    for reading in ("reference", "paper"):
+    for reading in ("reference", "noun", "paper"):
         s = DBIMSettings(lam=-1.0, reading=reading, normalization="pixel_count")
         got = s.weights(
             p_c,
@@ -168,8 +169,6 @@ def test_masks_broadcast_from_one_dimension() -> None:
 
 
 def test_pixel_count_is_resolution_independent_and_equals_reference_at_64x64() -> None:
-    from dci.method.dbim import NORMALIZATIONS
-
     gen = torch.Generator().manual_seed(3)
     for n in (64, 256, 1024, 4096):
         m = torch.rand(1, 1, n, generator=gen)
@@ -204,16 +203,19 @@ def test_empty_masks_raise_clear_errors() -> None:
             prompt_tokens_c=empty,
             prompt_tokens_a=None,
         )
-    with pytest.raises(ValueError, match="auxiliary-map mask is empty"):
-        dbim_weights(
-            p,
-            p,
-            concept_tokens=masks["concept"],
-            aux_tokens=empty,
-            prompt_tokens_c=masks["prompt"],
-            prompt_tokens_a=masks["prompt"],
-            lam=1.0,
-        )
+    # a prompt without context words (only the auxiliary noun): m_a = 0, so M_a is uniform (kappa / N)
+    no_context = dbim_weights(
+        p,
+        p,
+        concept_tokens=masks["concept"],
+        aux_tokens=empty,
+        prompt_tokens_c=masks["prompt"],
+        prompt_tokens_a=masks["prompt"],
+        lam=1.0,
+    )
+    m_c = torch.tensor(_loop_map(p, masks["prompt"], masks["concept"], 10.0), dtype=torch.float64)
+    expected = torch.sigmoid(NORMALIZATIONS["reference"](m_c, 10.0, 500.0) - 500.0 / 16)
+    torch.testing.assert_close(no_context.double(), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="needs p_a"):
         dbim_weights(
             p,
@@ -238,8 +240,12 @@ def test_empty_masks_raise_clear_errors() -> None:
 def test_auxiliary_map_tokens_readings() -> None:
     prompt = torch.tensor([False, True, True, True, False])
     noun = torch.tensor([False, False, True, False, False])
-    assert auxiliary_map_tokens(noun, prompt, "reference").tolist() == [False, False, True, False, False]
+    assert auxiliary_map_tokens(noun, prompt, "reference").tolist() == [False, True, False, True, False]
     assert auxiliary_map_tokens(noun, prompt, "paper").tolist() == [False, True, False, True, False]
+    assert auxiliary_map_tokens(noun, prompt, "noun").tolist() == [False, False, True, False, False]
+    assert not auxiliary_map_tokens(noun, noun, "reference").any()  # no context words: an empty map
+    with pytest.raises(ValueError, match="auxiliary noun is not among"):
+        auxiliary_map_tokens(torch.zeros(5, dtype=torch.bool), prompt, "noun")
     with pytest.raises(ValueError, match="reading"):
         auxiliary_map_tokens(noun, prompt, "figure")
 

@@ -4,7 +4,8 @@ How the two branches run in one UNet call, with any ComfyUI sampler:
 
 * The sampler gets 2B latent rows: B concept latents (the seed's noise), then B auxiliary latents (their own
   seed's noise, drawn for the same images: ``noise_batch_index``).
-* During the first ``split`` of the schedule, ``predict_noise`` calls ComfyUI's ``calc_cond_batch`` with two
+* While the noise level is above the split's sigma (``phase_end_sigma``: ComfyUI's ``percent_to_sigma``, the
+  convention of its start/end percents and of the reference code's timestep rule), ``predict_noise`` calls ComfyUI's ``calc_cond_batch`` with two
   conds: the negative (all 2B rows) and one *mixed* positive whose context holds the concept prompt for the
   concept rows and the auxiliary prompt for the auxiliary rows. ComfyUI never splits one cond's rows across
   UNet calls, so every concept row meets its partner in the same call. The call carries a ``StepInfo`` in
@@ -23,7 +24,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from ...method.branches import DCIPlan, split_sigma
+from ...method.branches import DCIPlan, two_branch_steps
 from ...method.dbim import DBIMSettings
 from .attention import STEP_KEY, DCIRun, aux_kv_weights
 from .prompt import dci_prompt_of, mixed_positive
@@ -39,6 +40,18 @@ class _Phase:
     run: DCIRun
     batch: int
     threshold: float  # model calls at a sigma above this run both branches
+
+
+def phase_end_sigma(model_patcher, split: float) -> float:
+    """The noise level at which the two-branch phase ends: model calls above it run both branches.
+
+    ComfyUI's ``model_sampling.percent_to_sigma(split)`` (the sigma at timestep (1 - split) * 999 for
+    SD-style models), so a split means one noise level whatever the scheduler, steps or denoise; infinite
+    for split 0 (never), 0 for split 1 (every step).
+    """
+    if split <= 0.0:
+        return math.inf
+    return float(model_patcher.get_model_object("model_sampling").percent_to_sigma(split))
 
 
 def noise_batch_index(noise: torch.Tensor, latent: torch.Tensor, seed: int | None,
@@ -67,7 +80,7 @@ def noise_batch_index(noise: torch.Tensor, latent: torch.Tensor, seed: int | Non
 
 
 class DCIGuider(comfy.samplers.CFGGuider):
-    """CFGGuider on a DCI-patched MODEL; runs both branches while the sigma is above the split."""
+    """CFGGuider on a DCI-patched MODEL; runs both branches while the sigma is above the split's sigma."""
 
     def __init__(self, model_patcher, plan: DCIPlan, settings: DBIMSettings, aux_kv: dict | None = None):
         super().__init__(model_patcher)
@@ -85,9 +98,9 @@ class DCIGuider(comfy.samplers.CFGGuider):
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
         b = noise.shape[0]
-        threshold = split_sigma(sigmas, self.plan.split)
+        threshold = phase_end_sigma(self.model_patcher, self.plan.split)
         self.original_conds.pop(MIXED_COND, None)
-        if math.isinf(threshold):
+        if two_branch_steps(sigmas, threshold) == 0:
             self.phase = None
             return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
         mixed, data, length = mixed_positive(self.positive, b)
