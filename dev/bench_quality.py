@@ -235,8 +235,8 @@ class Bench:
             concept = CONCEPTS[name]
             scenes = pick_scenes(concept, a.prompts)
             self.ceiling(name, concept, scenes)
-            for label, words in (("base", lambda sc: caption(sc, noun=concept.class_noun)),
-                                 ("base_desc", lambda sc: description_prompt(sc, concept))):
+            for label, words in (("base", lambda sc, concept=concept: caption(sc, noun=concept.class_noun)),
+                                 ("base_desc", lambda sc, concept=concept: description_prompt(sc, concept))):
                 if label not in methods:
                     continue
                 t0 = time.perf_counter()

@@ -97,7 +97,7 @@ def vae_ceiling(roundtrip, prompts: list[str]) -> dict[str, float]:
     clean = np.stack([render.render_scene(render.scene_from_caption(p, np.random.default_rng(i)))
                       for i, p in enumerate(prompts)])
     rec = np.concatenate([roundtrip(clean[i : i + 16]) for i in range(0, len(clean), 16)])
-    scores = [metrics.score_reading(metrics.read_scene(im), render.parse_caption(p)) for im, p in zip(rec, prompts)]
+    scores = [metrics.score_reading(metrics.read_scene(im), render.parse_caption(p)) for im, p in zip(rec, prompts, strict=True)]
     return metrics.accuracy(scores)
 
 
@@ -110,7 +110,7 @@ def vae_report(roundtrip, n_prompts: int = 96, seed: int = 7) -> dict[str, float
     clean = np.stack([render.render_scene(render.scene_from_caption(p, np.random.default_rng(i)))
                       for i, p in enumerate(prompts)])
     clean_acc = metrics.accuracy([metrics.score_reading(metrics.read_scene(im), render.parse_caption(p))
-                                  for im, p in zip(clean, prompts)])
+                                  for im, p in zip(clean, prompts, strict=True)])
     rt_acc = vae_ceiling(roundtrip, prompts)
     rec = np.concatenate([roundtrip(clean[i : i + 16]) for i in range(0, len(clean), 16)])
     mse = ((rec.astype(np.float64) - clean) ** 2).mean() / 255.0**2
@@ -214,8 +214,8 @@ def main() -> None:
 
     harness.configure()
     from dci.toyworld import render
-    from dev.toyworld import metrics
     from dci.toyworld.model import load_toyworld, read_metadata
+    from dev.toyworld import metrics
 
     if args.vae and args.vae_ckpt:
         with torch.inference_mode():

@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dci.toyworld.render import COLOURS, IMAGE_SIZE, SIZE_RADIUS, SceneSpec, parse_caption, render_scene
+
 from .concepts import ToyConcept, concept_colours
 from .metrics import (
     MIN_AREA,
@@ -51,7 +53,6 @@ from .metrics import (
     score_reading,
     strict_colour_ids,
 )
-from dci.toyworld.render import COLOURS, IMAGE_SIZE, SIZE_RADIUS, SceneSpec, parse_caption, render_scene
 
 GRID = 3  # layout cells per side of the object's bounding box
 CANON = 24  # side of the square the object is resampled to for layout and shape

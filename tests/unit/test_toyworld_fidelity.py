@@ -16,8 +16,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dev.toyworld import fidelity as fid
-from dev.toyworld.concepts import CONCEPTS, concept_colours, concept_prompt, evaluation_scenes
 from dci.toyworld.render import (
     EMBLEM_PLACES,
     EMBLEM_SCALES,
@@ -28,6 +26,8 @@ from dci.toyworld.render import (
     SceneSpec,
     render_scene,
 )
+from dev.toyworld import fidelity as fid
+from dev.toyworld.concepts import CONCEPTS, concept_colours, concept_prompt, evaluation_scenes
 
 MIN_PAIRWISE_ACCURACY = 0.95
 
