@@ -1,0 +1,116 @@
+"""Infusion concepts: the residual patch's closed form, bit-identical trigger-free prompts, clones only, and the
+trainer's infusion mode (only the residual vectors train)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dci.comfyui.model import cross_attention_layers
+from dci.files.concept import Concept, load_concept
+from dev.fixtures import concepts_folder, write_concept
+
+
+def infusion_concept(model, clip, scale: float = 0.5, keys: bool = False, seed: int = 0) -> Concept:
+    from dci.comfyui.concept import base_fingerprint
+    from dci.comfyui.tokenizer import text_encoder_widths
+
+    g = torch.Generator().manual_seed(seed)
+    residuals = {}
+    for layer in cross_attention_layers(model):
+        base = layer.weight_prefix.rstrip(".")
+        residuals[f"{base}.to_v"] = torch.randn(layer.inner_dim, generator=g) * scale
+        if keys:
+            residuals[f"{base}.to_k"] = torch.randn(layer.inner_dim, generator=g) * scale
+    tokens = {enc: torch.randn(1, w, generator=g) * 0.02 for enc, w in text_encoder_widths(clip).items()}
+    return Concept(family="sd1", trigger="sks", class_noun="dog", kv_deltas={}, tokens=tokens, residuals=residuals,
+                   base_fingerprint=base_fingerprint(model), method="infusion", steps=0, training={})
+
+
+def sample(comfy, model, clip, text, seed=3, steps=3):
+    pos = comfy.run_node("CLIPTextEncode", clip=clip, text=text)[0][0]
+    neg = comfy.run_node("CLIPTextEncode", clip=clip, text="")[0][0]
+    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+    (out,), _ = comfy.run_node("KSampler", model=model, seed=seed, steps=steps, cfg=5.0, sampler_name="euler",
+                               scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    return out["samples"]
+
+
+@pytest.fixture()
+def loaded(comfy, tiny_sd15):
+    model, clip, _ = tiny_sd15
+    concept = infusion_concept(model, clip)
+    name = write_concept(concept, "test_infusion")
+    options_before = repr(model.model_options)
+    text_model_before, tokenizer_before = clip.cond_stage_model, clip.tokenizer
+    (m2, c2, ref), _ = comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name,
+                                      strength_model=1.0, strength_clip=1.0)
+    assert repr(model.model_options) == options_before  # the input MODEL carries no patch
+    assert clip.cond_stage_model is text_model_before and clip.tokenizer is tokenizer_before
+    return comfy, model, clip, m2, c2, concept
+
+
+def test_file_round_trip_keeps_the_residuals(comfy, tiny_sd15):
+    model, clip, _ = tiny_sd15
+    concept = infusion_concept(model, clip, keys=True)
+    back = load_concept(concepts_folder() / write_concept(concept, "test_infusion_rt"))
+    assert back.residuals.keys() == concept.residuals.keys() and not back.kv_deltas
+    assert all(torch.equal(back.residuals[k], v) for k, v in concept.residuals.items())
+    assert back.architecture.startswith("res")
+
+
+def test_prompt_without_the_trigger_is_bit_identical_and_with_it_differs(loaded):
+    comfy, model, clip, m2, c2, _ = loaded
+    for text in ("a photo of a dog", "sksx dog on grass"):
+        assert torch.equal(sample(comfy, m2, c2, text), sample(comfy, model, clip, text)), text
+    # the stock MODEL with the concept's CLIP: only the trigger's embeddings differ, not the UNet
+    with_trigger = sample(comfy, m2, c2, "a photo of sks dog")
+    assert not torch.equal(with_trigger, sample(comfy, model, c2, "a photo of sks dog"))
+    # and the input MODEL/CLIP still sample as before
+    assert torch.equal(sample(comfy, model, clip, "a photo of sks dog"), sample(comfy, model, clip, "a photo of sks dog"))
+
+
+def test_the_injection_is_base_plus_attention_times_residual(comfy, tiny_sd15):
+    """Through the real patch: out = base out + A[:, j] · r per head, A the softmax attention to token j."""
+    from dci.comfyui.infusion import InfusionPatch, Marks
+    from dci.comfyui.seams import CONTEXT_KEY
+
+    g = torch.Generator().manual_seed(0)
+    b, n, t, heads, dh, ctx_dim = 2, 5, 7, 2, 4, 6
+    q, k, v = (torch.randn(b, s, heads * dh, generator=g) for s in (n, t, t))
+    context = torch.randn(b, t, ctx_dim, generator=g)
+    r = torch.randn(heads * dh, generator=g)
+    marks = Marks()
+    marks.add(context[1, 3:4])  # token 3 of row 1 is the trigger
+    patch = InfusionPatch(marks, r, None, 0.5)
+    opts = {"n_heads": heads, "dim_head": dh, CONTEXT_KEY: (context, context)}
+    out = patch(q, k, v, opts)
+
+    def attention(qq, kk, vv):
+        qh, kh, vh = (x.view(b, -1, heads, dh).transpose(1, 2) for x in (qq, kk, vv))
+        a = torch.softmax(qh @ kh.transpose(-1, -2) / dh**0.5, dim=-1)
+        return (a @ vh).transpose(1, 2).reshape(b, -1, heads * dh), a
+
+    base, a = attention(q, k, v)
+    expected = base.clone()
+    expected[1] += (a[1, :, :, 3].unsqueeze(-1) * 0.5 * r.view(heads, 1, dh)).transpose(0, 1).reshape(n, heads * dh)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[0], patch(q, k, v, {"n_heads": heads, "dim_head": dh})[0])  # row 0 untouched
+
+
+def test_wrong_architecture_is_refused(comfy, tiny_sd15):
+    model, clip, _ = tiny_sd15
+    concept = infusion_concept(model, clip)
+    key = next(iter(concept.residuals))
+    concept.residuals[key] = torch.zeros(3)
+    name = write_concept(concept, "test_infusion_bad")
+    with pytest.raises(ValueError, match="different architecture"):
+        comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name, strength_model=1.0,
+                       strength_clip=1.0)
+
+
+def test_chained_clip_clones_keep_marking(loaded):
+    comfy, model, clip, m2, c2, _ = loaded
+    (c3,), _ = comfy.run_node("CLIPSetLastLayer", clip=c2, stop_at_clip_layer=-1)
+    a = sample(comfy, m2, c3, "a photo of sks dog")
+    assert torch.equal(a, sample(comfy, m2, c2, "a photo of sks dog"))
