@@ -114,3 +114,63 @@ def test_chained_clip_clones_keep_marking(loaded):
     (c3,), _ = comfy.run_node("CLIPSetLastLayer", clip=c2, stop_at_clip_layer=-1)
     a = sample(comfy, m2, c3, "a photo of sks dog")
     assert torch.equal(a, sample(comfy, m2, c2, "a photo of sks dog"))
+
+
+TRAIN = dict(class_noun="dog", trigger_word="qxz", num_tokens=1, mode="infusion", prefix_context="photo of a",
+             suffix_context=".", steps=3, batch_size=1, learning_rate=1e-5, context_lr_multiplier=10.0,
+             resolution=64, seed=0, precision="fp32", gradient_checkpointing=False, overwrite=True, resume=False,
+             checkpoint_every=0, random_flip=True)
+
+
+def train(comfy, model, clip, vae, name, **overrides):
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    (m, c, ref, curve), _ = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
+                                           save_name=name, **{**TRAIN, **overrides})
+    return m, c, load_concept(concepts_folder() / f"{name}.safetensors")
+
+
+@pytest.mark.parametrize("unlock", [False, True])
+def test_infusion_training_trains_only_the_residual_vectors(comfy, tiny_sd15, unlock):
+    model, clip, vae = tiny_sd15
+    m, c, concept = train(comfy, model, clip, vae, f"test_infusion_train_{unlock}", unlock_keys=unlock)
+    layers = cross_attention_layers(model)
+    assert concept.method == "infusion" and not concept.kv_deltas and not concept.contexts
+    assert len(concept.residuals) == len(layers) * (2 if unlock else 1)
+    assert any(k.endswith(".to_k") for k in concept.residuals) == unlock
+    count = sum(v.numel() for v in concept.residuals.values())
+    assert count == sum(layer.inner_dim for layer in layers) * (2 if unlock else 1)
+    assert concept.training["trainable_values"] == count
+    assert all(float(v.abs().max()) > 0 for v in concept.residuals.values())  # every vector moved from zero
+    assert torch.equal(concept.tokens["clip_l"], concept.token_init["clip_l"])  # the trigger's rows stay fixed
+    # the trained MODEL/CLIP: without the trigger exactly the base model, with it not
+    assert torch.equal(sample(comfy, m, c, "a photo of a dog"), sample(comfy, model, clip, "a photo of a dog"))
+    assert not torch.equal(sample(comfy, m, c, "a photo of qxz dog"), sample(comfy, model, c, "a photo of qxz dog"))
+
+
+def test_infusion_training_resumes_bit_for_bit(comfy, tiny_sd15):
+    model, clip, vae = tiny_sd15
+    _, _, full = train(comfy, model, clip, vae, "test_infusion_full", steps=4)
+    train(comfy, model, clip, vae, "test_infusion_part", steps=2, checkpoint_every=0)
+    _, _, resumed = train(comfy, model, clip, vae, "test_infusion_part", steps=4, resume=True, overwrite=False)
+    assert all(torch.equal(full.residuals[k], resumed.residuals[k]) for k in full.residuals)
+
+
+def test_sd15_geometry_trainable_value_count(comfy):
+    """SD1.5's UNet (the SD15 entry of ComfyUI's comfy.model_detection.unet_config_from_diffusers_unet, built on
+    the meta device): the attn2 value projections'
+    output widths add up to 12,480 values per concept (24,960 with unlocked keys)."""
+    import types
+
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sd15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+            "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+            "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+            "use_temporal_resblock": False}
+    unet = UNetModel(**sd15, device="meta", operations=comfy.ops.disable_weight_init)
+    layers = cross_attention_layers(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)))
+    assert len(layers) == 16
+    assert sum(layer.inner_dim for layer in layers) == 12480

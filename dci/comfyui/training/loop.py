@@ -1,7 +1,9 @@
 """ICO / Custom Diffusion training inside the ComfyUI process: the run and its loop.
 
 What trains: a delta for every attn2 ``to_k``/``to_v`` weight (``unet.training_patcher``), the k modifier-token
-rows and, in ICO mode, the per-image contexts. Nothing of the input MODEL, CLIP or VAE is modified.
+rows and, in ICO mode, the per-image contexts; in Infusion mode only one residual vector per attn2 layer
+(``unet.infusion_patcher``; the modifier-token rows stay at their starting rows). Nothing of the input MODEL,
+CLIP or VAE is modified.
 
 The loop runs as a ComfyUI ``Sampler`` through a ``CFGGuider``, as ComfyUI's own trainer does: ComfyUI's
 sampling entry loads the training clone and, as an additional model of it, the text encoder (with its memory
@@ -34,11 +36,22 @@ import torch
 from ...files.concept import Concept, load_concept, save_concept
 from ...files.train_state import TrainState, TrainStateError, load_state, save_state, state_path
 from ...method import ico
+from ...method.infusion import token_mask as infusion_rows
 from .. import seams
 from ..concept import base_fingerprint, base_kv_weights
 from .plan import Plan, plan_training
-from .settings import AUTOCAST, WEIGHT_DECAY, TrainingError, TrainSettings
-from .unet import WRAPPER_KEY, Capture, autograd_safe, gradient_checkpointing, target, training_patcher
+from .settings import AUTOCAST, RESIDUAL_LR_SCALE, WEIGHT_DECAY, TrainingError, TrainSettings
+from .unet import (
+    ROWS_KEY,
+    WRAPPER_KEY,
+    Capture,
+    autograd_safe,
+    gradient_checkpointing,
+    infusion_patcher,
+    residual_keys,
+    target,
+    training_patcher,
+)
 
 log = logging.getLogger(__name__)
 TEXT_ENCODER_KEY = "dci_train_text_encoder"  # the clone's additional model: the CLIP, loaded beside the UNet
@@ -61,9 +74,13 @@ class Trainables:
     tokens: torch.Tensor
     token_init: torch.Tensor
     contexts: dict[str, torch.Tensor]
+    residuals: dict[str, torch.Tensor]  # infusion: one vector per attn2 to_v (and to_k when unlocked)
+    train_tokens: bool = True
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
-        named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()] + [("token", self.tokens)]
+        named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()]
+        named += [("token", self.tokens)] if self.train_tokens else []
+        named += [(f"residual.{k}", v) for k, v in sorted(self.residuals.items())]
         return named + [(f"context.{k}", v) for k, v in sorted(self.contexts.items())]
 
     def names(self) -> list[str]:
@@ -111,7 +128,10 @@ class TrainingRun:
         self.losses: list[float] = list(state.losses) if state is not None else []
         self.done = state.step if state is not None else 0
         self.capture = Capture()
-        self.patcher = training_patcher(model, self.trained.deltas, self.text.special.length)
+        if settings.mode == "infusion":
+            self.patcher = infusion_patcher(model, self.trained.residuals)
+        else:
+            self.patcher = training_patcher(model, self.trained.deltas, self.text.special.length)
         self.patcher.set_additional_models(TEXT_ENCODER_KEY, [clip.patcher])
         self.sampling = self.patcher.get_model_object("model_sampling")
         self.num_timesteps = int(self.sampling.sigmas.shape[0])
@@ -137,8 +157,11 @@ class TrainingRun:
 
     def _init_trainables(self) -> Trainables:
         s, text, plan = self.s, self.text, self.plan
-        base = base_kv_weights(self.model)
+        infusion = s.mode == "infusion"
+        base = {} if infusion else base_kv_weights(self.model)
         deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=self.device) for k, w in sorted(base.items())}
+        residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
+                     for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
         rare = text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).detach().float().clone()
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
@@ -149,7 +172,8 @@ class TrainingRun:
                 ctx = ico.init_contexts(self.images.shape[0], text.width, rows, spec.length, g)
                 if ctx.shape[1]:
                     contexts[part] = ctx.to(self.device)
-        return Trainables(deltas, rare.to(self.device).clone(), rare.cpu().clone(), contexts)
+        return Trainables(deltas, rare.to(self.device).clone(), rare.cpu().clone(), contexts, residuals,
+                          train_tokens=not infusion)
 
     def _load_resume(self) -> TrainState:
         concept = load_concept(self.plan.path)
@@ -171,13 +195,16 @@ class TrainingRun:
             t.deltas[k] = concept.kv_deltas[k].float().to(self.device)
         t.tokens = concept.tokens[key].float().to(self.device)
         t.token_init = concept.token_init.get(key, t.token_init)
+        for k in t.residuals:
+            t.residuals[k] = concept.residuals[k].float().to(self.device)
         for part in t.contexts:
             t.contexts[part] = concept.contexts[f"{key}.{part}"].float().to(self.device)
         return state
 
     def _optimizer(self, state: TrainState | None) -> torch.optim.AdamW:
         t = self.trained
-        groups = [{"params": [v for n, v in t.named() if not n.startswith("context.")], "lr": self.lrs[0]}]
+        lr = self.lrs[0] * (RESIDUAL_LR_SCALE if self.s.mode == "infusion" else 1.0)
+        groups = [{"params": [v for n, v in t.named() if not n.startswith("context.")], "lr": lr}]
         if t.contexts:
             groups.append({"params": [t.contexts[k] for k in sorted(t.contexts)], "lr": self.lrs[1]})
         optimizer = torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
@@ -201,12 +228,21 @@ class TrainingRun:
             out.append(ico.caption_entries(self.text.special, prefix, t.tokens, p.class_entries, suffix))
         return out
 
-    def _predict(self, x_t, sigma, context) -> torch.Tensor:
+    def _trigger_rows(self, concept_rows: int, total_rows: int, length: int) -> torch.Tensor | None:
+        """infusion: [rows, tokens] true at the modifier tokens of the concept captions (the first rows)."""
+        if self.s.mode != "infusion":
+            return None
+        cols = ico.modifier_positions(len(self.plan.prefix_entries), self.s.num_tokens)
+        return infusion_rows(total_rows, length, [cols] * concept_rows, self.device)
+
+    def _predict(self, x_t, sigma, context, rows=None) -> torch.Tensor:
         """The raw UNet output for these rows, through ``BaseModel.apply_model`` with the clone's options."""
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         wrappers = pe.copy_nested_dicts(topts.get("wrappers", {}))
         wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {}).setdefault(WRAPPER_KEY, []).append(self.capture)
         topts.update(wrappers=wrappers, cond_or_uncond=[0], sigmas=sigma)
+        if rows is not None:
+            topts[ROWS_KEY] = rows
         self.patcher.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=topts)
         return self.capture.take().float()
 
@@ -227,9 +263,10 @@ class TrainingRun:
             conds = [cond] + [self.reg_conds[j % len(self.reg_conds)] for j in draw.reg]
             k = len(draw.concept)
             if all(c.shape[-2] == cond.shape[-2] for c in conds[1:]):
-                pred = self._predict(x_t, sigma, torch.cat([cond, *conds[1:]]))
+                rows = self._trigger_rows(k, len(conds) - 1 + k, cond.shape[-2])
+                pred = self._predict(x_t, sigma, torch.cat([cond, *conds[1:]]), rows)
             else:
-                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond)]
+                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond, self._trigger_rows(k, k, cond.shape[-2]))]
                                  + [self._predict(x_t[k + j:k + j + 1], sigma[k + j:k + j + 1], c)
                                     for j, c in enumerate(conds[1:])])
         per_sample = ((pred - goal) ** 2).mean(dim=(1, 2, 3))
@@ -245,6 +282,7 @@ class TrainingRun:
         training.update(reg_images=0 if self.reg_images is None else int(self.reg_images.shape[0]),
                         reg_captions=s.reg_captions[:20], images=int(self.images.shape[0]),
                         lr_kv_tokens=self.lrs[0], lr_contexts=self.lrs[1], weight_decay=WEIGHT_DECAY,
+                        trainable_values=sum(t.numel() for t in self._tensors()),
                         last_loss=self.losses[-1] if self.losses else None)
         return Concept(
             family=self.plan.family, trigger=s.trigger, class_noun=s.class_noun.strip(),
@@ -252,6 +290,7 @@ class TrainingRun:
             tokens={key: t.tokens.detach().float().cpu().clone()},
             token_init={key: t.token_init.float().cpu().clone()},
             contexts={f"{key}.{part}": v.detach().float().cpu().clone() for part, v in t.contexts.items()},
+            residuals={k: v.detach().float().cpu().clone() for k, v in t.residuals.items()},
             base_fingerprint=base_fingerprint(self.model), method=s.mode, steps=self.done, training=training,
         )
 
