@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..files import convert, foreign
 from ..files.atomic import write_files, write_folder
-from ..files.concept import Concept
+from ..files.concept import Concept, ConceptFileError
 from .concept import base_fingerprint, base_kv_weights, check_compatible, kv_weight_keys
 from .model import UnsupportedModelError, config_name, model_family
 from .tokenizer import text_encoder_widths
@@ -72,9 +72,18 @@ def import_concept(source: Path, fmt: str, model_patcher, clip, trigger: str, cl
     return concept, notes
 
 
+def refuse_residuals(concept: Concept) -> None:
+    """Infusion's residual vectors act only at the trigger's tokens, which no weight change can express."""
+    if concept.residuals:
+        raise ConceptFileError("this is an Infusion concept: its residual vectors act only at the trigger word's "
+                               "tokens, which a LoRA or a Custom Diffusion folder can't express; load it with DCI "
+                               "Load Concept instead")
+
+
 def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, embedding_path: Path,
                               overwrite: bool, precision: str = "exact") -> list[tuple[Path, bool]]:
     """A LoRA file of ``.diff`` entries (stock LoraLoaderModelOnly) and an embedding file (``embedding:name``)."""
+    refuse_residuals(concept)
     check_compatible(concept, model_patcher)
     usage = f"embedding:{embedding_path.stem} {concept.class_noun}"
     meta = {"dci_trigger": concept.trigger, "dci_class_noun": concept.class_noun, "dci_family": concept.family,
@@ -90,6 +99,7 @@ def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, 
 def export_diffusers(concept: Concept, model_patcher, folder: Path, overwrite: bool,
                      precision: str = "exact") -> list[tuple[Path, bool]]:
     """A diffusers Custom Diffusion folder: full K/V weights (base + delta) under diffusers names, token files."""
+    refuse_residuals(concept)
     check_compatible(concept, model_patcher)
     to_diffusers = {c: d for d, c in kv_key_map(model_patcher, "diffusers").items()}
     missing = [k for k in concept.kv_deltas if k not in to_diffusers]

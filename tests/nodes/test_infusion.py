@@ -174,3 +174,11 @@ def test_sd15_geometry_trainable_value_count(comfy):
     layers = cross_attention_layers(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)))
     assert len(layers) == 16
     assert sum(layer.inner_dim for layer in layers) == 12480
+
+
+def test_exporting_an_infusion_concept_is_refused_clearly(comfy, tiny_sd15):
+    model, clip, _ = tiny_sd15
+    name = write_concept(infusion_concept(model, clip), "test_infusion_export")
+    with pytest.raises(ValueError, match="Infusion concept.*DCI Load Concept"):
+        comfy.run_node("DCIExportConcept", model=model, concept_name=name, target="comfy_lora_and_embedding",
+                       name="", overwrite=False, precision="exact")
