@@ -263,6 +263,28 @@ def random_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", k
     )
 
 
+def random_infusion_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", scale: float = 0.5,
+                            keys: bool = False, seed: int = 0):
+    """An Infusion concept for ``model``/``clip``: random residual vectors (values; keys too with ``keys``) and
+    one token row (no training needed)."""
+    from dci.comfyui.concept import base_fingerprint
+    from dci.comfyui.model import cross_attention_layers
+    from dci.comfyui.tokenizer import text_encoder_widths
+    from dci.files.concept import Concept
+
+    g = torch.Generator().manual_seed(seed)
+    residuals = {}
+    for layer in cross_attention_layers(model):
+        base = layer.weight_prefix.rstrip(".")
+        residuals[f"{base}.to_v"] = torch.randn(layer.inner_dim, generator=g) * scale
+        if keys:
+            residuals[f"{base}.to_k"] = torch.randn(layer.inner_dim, generator=g) * scale
+    tokens = {enc: torch.randn(1, w, generator=g) * 0.02 for enc, w in text_encoder_widths(clip).items()}
+    return Concept(family="sd1", trigger=trigger, class_noun=class_noun, kv_deltas={}, tokens=tokens,
+                   residuals=residuals, base_fingerprint=base_fingerprint(model), method="infusion", steps=0,
+                   training={"note": "random tensors"})
+
+
 def concepts_folder() -> Path:
     """The in-process ComfyUI's models/concepts folder."""
     from dci.comfyui.folders import concepts_folder as folder

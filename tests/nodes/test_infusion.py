@@ -7,24 +7,9 @@ import pytest
 import torch
 
 from dci.comfyui.model import cross_attention_layers
-from dci.files.concept import Concept, load_concept
+from dci.files.concept import load_concept
 from dev.fixtures import concepts_folder, write_concept
-
-
-def infusion_concept(model, clip, scale: float = 0.5, keys: bool = False, seed: int = 0) -> Concept:
-    from dci.comfyui.concept import base_fingerprint
-    from dci.comfyui.tokenizer import text_encoder_widths
-
-    g = torch.Generator().manual_seed(seed)
-    residuals = {}
-    for layer in cross_attention_layers(model):
-        base = layer.weight_prefix.rstrip(".")
-        residuals[f"{base}.to_v"] = torch.randn(layer.inner_dim, generator=g) * scale
-        if keys:
-            residuals[f"{base}.to_k"] = torch.randn(layer.inner_dim, generator=g) * scale
-    tokens = {enc: torch.randn(1, w, generator=g) * 0.02 for enc, w in text_encoder_widths(clip).items()}
-    return Concept(family="sd1", trigger="sks", class_noun="dog", kv_deltas={}, tokens=tokens, residuals=residuals,
-                   base_fingerprint=base_fingerprint(model), method="infusion", steps=0, training={})
+from dev.fixtures import random_infusion_concept as infusion_concept
 
 
 def sample(comfy, model, clip, text, seed=3, steps=3):
