@@ -167,3 +167,53 @@ def test_exporting_an_infusion_concept_is_refused_clearly(comfy, tiny_sd15):
     with pytest.raises(ValueError, match="Infusion concept.*DCI Load Concept"):
         comfy.run_node("DCIExportConcept", model=model, concept_name=name, target="comfy_lora_and_embedding",
                        name="", overwrite=False, precision="exact")
+
+
+def _official_vectors(model, keys: bool = False, seed: int = 3) -> dict[str, torch.Tensor]:
+    """What the official Infusion training saves under 'target_output': ldm block keys + '.target_output'."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in cross_attention_layers(model):
+        block = layer.weight_prefix.removeprefix("diffusion_model.").rstrip(".")
+        out[f"{block}.to_v.target_output"] = torch.randn(layer.inner_dim, generator=g)
+        if keys:
+            out[f"{block}.to_k.target_output"] = torch.randn(layer.inner_dim, generator=g)
+    return out
+
+
+@pytest.mark.parametrize("form", ["safetensors", "ckpt_dict"])
+def test_official_infusion_vectors_import(comfy, tiny_sd15, form):
+    from safetensors.torch import save_file
+
+    from dev.foreign_files import do_import, fresh_source
+
+    model, clip, _ = tiny_sd15
+    vectors = _official_vectors(model, keys=True)
+    folder = fresh_source("infusion")
+    if form == "safetensors":
+        path = folder / "infusion_vectors.safetensors"
+        save_file(vectors, str(path))
+    else:  # a checkpoint dictionary that weights_only loading accepts
+        path = folder / "step=1500.ckpt"
+        torch.save({"global_step": 1500, "target_output": vectors}, path)
+    m, c, ref, _ = do_import(comfy, model, clip, path, format="auto", trigger="qxz", class_noun="cat")
+    concept = load_concept(concepts_folder() / ref.name)
+    assert concept.method == "infusion (imported)" and not concept.kv_deltas
+    for key, vec in vectors.items():
+        ours = "diffusion_model." + key.removesuffix(".target_output")
+        assert torch.equal(concept.residuals[ours], vec)
+    assert torch.equal(sample(comfy, m, c, "a photo of a cat"), sample(comfy, model, clip, "a photo of a cat"))
+    assert not torch.equal(sample(comfy, m, c, "a photo of qxz cat"), sample(comfy, model, c, "a photo of qxz cat"))
+
+
+def test_an_official_infusion_checkpoint_is_refused_with_the_way_out(comfy, tiny_sd15):
+    """The official checkpoint pickles an nn.ParameterDict, which torch.load(weights_only=True) refuses."""
+    from dev.foreign_files import do_import, fresh_source
+
+    model, clip, _ = tiny_sd15
+    path = fresh_source("infusion_official") / "step=1500.ckpt"
+    embedding = {"initializer_words": ["cat"], "string_to_token": {"*": 265},
+                 "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.zeros(1, 768))})}
+    torch.save({"global_step": 1500, "embedding": embedding, "target_output": _official_vectors(model)}, path)
+    with pytest.raises(ValueError, match="official Infusion checkpoint.*save_file"):
+        do_import(comfy, model, clip, path, format="infusion", trigger="qxz", class_noun="cat")
