@@ -36,6 +36,11 @@ class Marks:
         self._cache: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo) -> Marks:
+        # ModelPatcher.clone deep-copies model_options: every clone must keep reading the one registry the CLIP
+        # writes to, whenever the prompts are encoded
+        return self
+
     def add(self, rows: torch.Tensor) -> None:
         with self._lock:
             for row in rows.detach().float().cpu():

@@ -94,6 +94,18 @@ def test_wrong_architecture_is_refused(comfy, tiny_sd15):
                        strength_clip=1.0)
 
 
+def test_model_clones_made_before_encoding_share_the_marks(loaded):
+    """ModelPatcher.clone deep-copies model_options; a clone made before any prompt is encoded still sees the
+    trigger's rows recorded later."""
+    comfy, model, clip, m2, c2, _ = loaded
+    early = m2.clone()
+    (lora_like,), _ = comfy.run_node("ModelSamplingDiscrete", model=m2, sampling="eps", zsnr=False)
+    a = sample(comfy, early, c2, "a photo of sks dog on grass")
+    assert torch.equal(a, sample(comfy, m2, c2, "a photo of sks dog on grass"))
+    assert not torch.equal(a, sample(comfy, model, c2, "a photo of sks dog on grass"))
+    assert torch.equal(sample(comfy, lora_like, c2, "a photo of sks dog"), sample(comfy, m2, c2, "a photo of sks dog"))
+
+
 def test_chained_clip_clones_keep_marking(loaded):
     comfy, model, clip, m2, c2, _ = loaded
     (c3,), _ = comfy.run_node("CLIPSetLastLayer", clip=c2, stop_at_clip_layer=-1)
