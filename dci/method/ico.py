@@ -160,6 +160,20 @@ def collect_images(items: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     return torch.cat([square_images(x, size) for x in items])
 
 
+def collect_masks(items: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """A list of MASK batches ``[B, H, W]`` (or one ``[H, W]``) → ``[N, size, size]``, each centre-cropped and
+    resized exactly as its image is (``square_images``), values clamped to 0..1."""
+    if not items:
+        raise ValueError("no masks")
+    out = []
+    for m in items:
+        m = m.unsqueeze(0) if m.dim() == 2 else m
+        if m.dim() != 3:
+            raise ValueError(f"expected a MASK [B, H, W], got shape {tuple(m.shape)}")
+        out.append(square_images(m.float().unsqueeze(-1).expand(*m.shape, 3), size)[..., 0])
+    return torch.cat(out)
+
+
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:

@@ -118,10 +118,13 @@ class DCITrainConcept:
                 "unlock_keys": spec("BOOLEAN", "infusion: also train a residual vector on the keys at the "
                                     "trigger's tokens (as the official code's default attention path does); off: "
                                     "keys stay locked, as the paper describes.", default=d.unlock_keys),
+                "mask": spec("MASK", "Foreground masks of the concept images (1 = the concept; one for all or one "
+                             "per image, same size as its image): the loss counts only the masked parts, as the "
+                             "official Infusion code does. Any mode."),
             },
         }
 
-    def train(self, images, reg_images=None, **inputs):
+    def train(self, images, reg_images=None, mask=None, **inputs):
         node = self.DISPLAY_NAME
         single = {}
         for name, value in inputs.items():
@@ -134,12 +137,13 @@ class DCITrainConcept:
         with reported(node, ValueError):
             batch = ico.collect_images(images, res)
             reg = ico.collect_images(reg_images, res) if reg_images else None
-        return self._train(images=batch, reg_images=reg, **single)
+            masks = ico.collect_masks(mask, res) if mask else None
+        return self._train(images=batch, reg_images=reg, masks=masks, **single)
 
     def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
                suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
                gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
-               reg_captions="", unlock_keys=False):
+               reg_captions="", unlock_keys=False, masks=None):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)
@@ -157,7 +161,7 @@ class DCITrainConcept:
         )
         with reported(node, TrainingError, *CONCEPT_ERRORS):
             result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
-                                   overwrite=overwrite, resume=resume, reg_images=reg_images)
+                                   overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks)
             model_out, clip_out, _ = apply_concept(result.concept, model, clip, name=result.path.name)
         ref = ConceptRef.of(result.path.name, result.concept)
         return (model_out, clip_out, ref, loss_curve_image(result.losses))

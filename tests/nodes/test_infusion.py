@@ -229,3 +229,31 @@ def test_an_official_infusion_checkpoint_is_refused_with_the_way_out(comfy, tiny
     torch.save({"global_step": 1500, "embedding": embedding, "target_output": _official_vectors(model)}, path)
     with pytest.raises(ValueError, match="official Infusion checkpoint.*save_file"):
         do_import(comfy, model, clip, path, format="infusion", trigger="qxz", class_noun="cat")
+
+
+def test_foreground_mask_weights_the_loss(comfy, tiny_sd15):
+    """A mask of ones trains exactly as no mask; a half mask changes what is learned; bad masks are refused."""
+    model, clip, vae = tiny_sd15
+    _, _, plain = train(comfy, model, clip, vae, "test_infusion_nomask")
+    _, _, ones = train(comfy, model, clip, vae, "test_infusion_ones", mask=torch.ones(1, 64, 64))
+    half = torch.zeros(2, 64, 64)
+    half[:, :, :32] = 1.0
+    _, _, halved = train(comfy, model, clip, vae, "test_infusion_half", mask=half)
+    assert all(torch.equal(plain.residuals[k], ones.residuals[k]) for k in plain.residuals)
+    assert not all(torch.equal(plain.residuals[k], halved.residuals[k]) for k in plain.residuals)
+    assert halved.training["masked_loss"] is True
+    with pytest.raises(ValueError, match="a mask is empty"):
+        train(comfy, model, clip, vae, "test_infusion_bad", mask=torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match="one MASK for all concept images or one per image"):
+        train(comfy, model, clip, vae, "test_infusion_bad", mask=torch.ones(3, 64, 64))
+
+
+def test_infusion_trains_on_sd2(comfy):
+    from dev.fixtures import tiny_sd2_in_memory
+
+    with torch.inference_mode():
+        model, clip, vae = tiny_sd2_in_memory(seed=0)
+    m, c, concept = train(comfy, model, clip, vae, "test_infusion_sd2")
+    assert concept.family == "sd2" and set(concept.tokens) == {"clip_h"} and concept.residuals
+    assert torch.equal(sample(comfy, m, c, "a photo of a dog"), sample(comfy, model, clip, "a photo of a dog"))
+    assert not torch.equal(sample(comfy, m, c, "a photo of qxz dog"), sample(comfy, model, c, "a photo of qxz dog"))

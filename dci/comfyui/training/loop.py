@@ -102,7 +102,8 @@ class TrainingSampler(comfy.samplers.Sampler):
 class TrainingRun:
     """One training run: everything set up in the constructor, the steps in ``train``."""
 
-    def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step):
+    def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step,
+                 masks=None):
         self.plan, self.model, self.clip, self.vae, self.s = plan, model, clip, vae, settings
         self.on_step = on_step
         self.t0 = time.time()
@@ -111,9 +112,11 @@ class TrainingRun:
         self.autocast = AUTOCAST[settings.precision]
         self.images = ico.square_images(images.clone(), settings.resolution)
         self.reg_images = ico.square_images(reg_images.clone(), settings.resolution) if reg_images is not None else None
-        self.fingerprint = ico.tensor_fingerprint(self.images, *(() if self.reg_images is None else (self.reg_images,)))
+        extra = (() if self.reg_images is None else (self.reg_images,)) + (() if masks is None else (masks,))
+        self.fingerprint = ico.tensor_fingerprint(self.images, *extra)
         self.latents = self._latents(self.images)
         self.reg_latents = self._latents(self.reg_images) if self.reg_images is not None else None
+        self.masks = self._latent_masks(masks) if masks is not None else None
         self.reg_conds = self._reg_conds() if self.reg_images is not None else []
         self.trained = self._init_trainables()
         state = self._load_resume() if plan.resume else None
@@ -148,6 +151,15 @@ class TrainingRun:
         if not torch.isfinite(lat).all():
             raise TrainingError("the VAE encoded the images to non-finite latents; check the VAE")
         return lat.view(2 if self.s.random_flip else 1, images.shape[0], *lat.shape[1:]).to(self.device)
+
+    def _latent_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """[2, N, 1, h, w]: each concept image's mask (and its mirror image's) at the latents' size."""
+        n = self.images.shape[0]
+        m = masks.float().expand(n, *masks.shape[1:]) if masks.shape[0] == 1 else masks.float()
+        m = torch.nn.functional.interpolate(m.unsqueeze(1), size=self.latents.shape[-2:], mode="bilinear",
+                                            align_corners=False).clamp(0, 1)
+        both = torch.stack([m, m.flip(-1)]) if self.s.random_flip else m.unsqueeze(0)
+        return both.to(self.device)
 
     def _reg_conds(self) -> list[torch.Tensor]:
         """Each regularisation caption encoded once, exactly as CLIPTextEncode does (no trainable part)."""
@@ -269,6 +281,10 @@ class TrainingRun:
                 pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond, self._trigger_rows(k, k, cond.shape[-2]))]
                                  + [self._predict(x_t[k + j:k + j + 1], sigma[k + j:k + j + 1], c)
                                     for j, c in enumerate(conds[1:])])
+        if self.masks is not None:  # foreground-masked loss on the concept rows, as the official Infusion code
+            w = torch.stack([self.masks[int(f), i] for i, f in zip(draw.concept, draw.concept_flip, strict=True)])
+            w = torch.cat([w, torch.ones(pred.shape[0] - k, *w.shape[1:], device=w.device)]).to(pred)
+            pred, goal = pred * w, goal * w
         per_sample = ((pred - goal) ** 2).mean(dim=(1, 2, 3))
         loss = per_sample[:k].mean()
         if draw.reg:
@@ -281,6 +297,7 @@ class TrainingRun:
         training = {k: v for k, v in asdict(s).items() if k != "reg_captions"}
         training.update(reg_images=0 if self.reg_images is None else int(self.reg_images.shape[0]),
                         reg_captions=s.reg_captions[:20], images=int(self.images.shape[0]),
+                        masked_loss=self.masks is not None,
                         lr_kv_tokens=self.lrs[0], lr_contexts=self.lrs[1], weight_decay=WEIGHT_DECAY,
                         trainable_values=sum(t.numel() for t in self._tensors()),
                         last_loss=self.losses[-1] if self.losses else None)
@@ -366,8 +383,8 @@ class TrainingRun:
 
 def train_concept(model, clip, vae, images, settings: TrainSettings, folder: str | os.PathLike, name: str,
                   overwrite: bool = False, resume: bool = False, reg_images=None,
-                  on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+                  on_step: Callable[[int, int, float], None] | None = None, masks=None) -> TrainResult:
     """Train (or resume) a concept and save it; returns the saved concept. See the module docstring."""
-    plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images)
+    plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images, masks)
     with torch.inference_mode(False), torch.enable_grad():
-        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step).run()
+        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks).run()
