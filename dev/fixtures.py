@@ -263,6 +263,24 @@ def random_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", k
     )
 
 
+def tiny_clip_vision(folder: str | os.PathLike, seed: int = 0):
+    """A CLIP_VISION of ComfyUI's own class (``comfy.clip_vision.ClipVisionModel``) from a tiny config (two layers,
+    width 32, 28×28 input, 16-dim embeddings), random weights."""
+    import json
+
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+              "image_size": 28, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 14, "projection_dim": 16}
+    path = Path(folder) / "tiny_clip_vision.json"
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    _init_random(vision.model, seed)
+    return vision
+
+
 def random_infusion_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", scale: float = 0.5,
                             keys: bool = False, seed: int = 0):
     """An Infusion concept for ``model``/``clip``: random residual vectors (values; keys too with ``keys``) and

@@ -117,3 +117,20 @@ def test_wasserstein_errors(comfy):
     with pytest.raises(ValueError, match="CLIP_VISION"):
         comfy.run_node("DCIWasserstein", concept_images=imgs, class_images=imgs, shrinkage="auto",
                        clip_vision="not a model")
+
+
+def test_wasserstein_on_clip_vision_embeddings(comfy, tmp_path):
+    from dci.comfyui.overfitting import clip_vision_features
+    from dev.fixtures import tiny_clip_vision
+
+    vision = tiny_clip_vision(tmp_path)
+    a, b = _renders("blue", 6), _renders("green", 6)
+    feats = clip_vision_features(vision, a)
+    assert feats.shape == (6, 16)
+    assert torch.equal(feats, vision.encode_image(a, crop=True)["image_embeds"].float().cpu())
+    (w2, _, report), _ = comfy.run_node("DCIWasserstein", concept_images=a, class_images=a.clone(),
+                                        shrinkage="auto", clip_vision=vision)
+    assert w2 == pytest.approx(0.0, abs=1e-4) and "CLIP vision embeddings (16 dims)" in report
+    (w2b, _, _), _ = comfy.run_node("DCIWasserstein", concept_images=a, class_images=b, shrinkage="auto",
+                                    clip_vision=vision)
+    assert w2b > 1e-3
