@@ -300,6 +300,7 @@ class TrainingRun:
                         masked_loss=self.masks is not None,
                         lr_kv_tokens=self.lrs[0], lr_contexts=self.lrs[1], weight_decay=WEIGHT_DECAY,
                         trainable_values=sum(t.numel() for t in self._tensors()),
+                        lr_residuals=self.lrs[0] * RESIDUAL_LR_SCALE if s.mode == "infusion" else None,
                         last_loss=self.losses[-1] if self.losses else None)
         return Concept(
             family=self.plan.family, trigger=s.trigger, class_noun=s.class_noun.strip(),
