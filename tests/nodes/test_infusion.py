@@ -257,3 +257,19 @@ def test_infusion_trains_on_sd2(comfy):
     assert concept.family == "sd2" and set(concept.tokens) == {"clip_h"} and concept.residuals
     assert torch.equal(sample(comfy, m, c, "a photo of a dog"), sample(comfy, model, clip, "a photo of a dog"))
     assert not torch.equal(sample(comfy, m, c, "a photo of qxz dog"), sample(comfy, model, c, "a photo of qxz dog"))
+
+
+def test_concatenated_conditioning_keeps_the_trigger_rows(loaded):
+    comfy, model, clip, m2, c2, _ = loaded
+    (a,), _ = comfy.run_node("CLIPTextEncode", clip=c2, text="a photo of sks dog")
+    (b,), _ = comfy.run_node("CLIPTextEncode", clip=c2, text="on grass")
+    (cat,), _ = comfy.run_node("ConditioningConcat", conditioning_to=b, conditioning_from=a)
+    neg = comfy.run_node("CLIPTextEncode", clip=c2, text="")[0][0]
+    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
+
+    def run(model_):
+        (out,), _ = comfy.run_node("KSampler", model=model_, seed=3, steps=3, cfg=5.0, sampler_name="euler",
+                                   scheduler="normal", positive=cat, negative=neg, latent_image=latent, denoise=1.0)
+        return out["samples"]
+
+    assert not torch.equal(run(m2), run(model))  # the trigger's rows, now at 77 + j, still get the residual
