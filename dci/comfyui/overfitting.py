@@ -5,7 +5,10 @@ prompts without the concept (stock ``common_ksampler``, one batch of seeds per p
 ``noise_levels`` timesteps spread evenly over the schedule (seeded noise), and both MODELs predict the noise from
 the conditional prompt only, through ``BaseModel.apply_model`` with each MODEL's own patches and wrappers
 (weight patches are applied when ComfyUI loads a MODEL, so two MODELs of one checkpoint share one UNet in memory
-and take turns). Sampler-level hooks (CFG functions) play no part: only conditional predictions are compared.
+and take turns). The model inputs of the prompt (cross-attention context, and e.g. SDXL's pooled and size
+conditioning) are built by ComfyUI's own ``encode_model_conds`` from the CLIP Text Encode conditioning, as a
+sampler builds them. Sampler-level hooks (CFG functions) play no part: only conditional predictions are
+compared.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.model_management as mm
+import comfy.sampler_helpers
+import comfy.samplers
 import comfy.utils
 import nodes
 import torch
@@ -62,8 +67,16 @@ def noise_timesteps(levels: int, num_timesteps: int) -> list[int]:
     return [min(num_timesteps - 1, int((i + 0.5) * num_timesteps / levels)) for i in range(levels)]
 
 
-def _predict_eps(model, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The noise a MODEL predicts for ``x_t`` at ``sigma`` from a conditional context (ε = (x − x̂0)/σ)."""
+def _model_inputs(model, positive, x_t: torch.Tensor, x0: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The keyword inputs of ``apply_model`` for a conditioning, built as ComfyUI's samplers build them."""
+    conds = comfy.sampler_helpers.convert_cond(positive)[:1]
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, x_t.to(device), device, "positive",
+                                              latent_image=x0.to(device))
+    return {k: v.process_cond(batch_size=x_t.shape[0], area=None).cond for k, v in conds[0]["model_conds"].items()}
+
+
+def _predict_eps(model, x_t: torch.Tensor, sigma: torch.Tensor, positive, x0: torch.Tensor) -> torch.Tensor:
+    """The noise a MODEL predicts for ``x_t`` at ``sigma`` from a conditional prompt (ε = (x − x̂0)/σ)."""
     mm.load_models_gpu([model])
     device = model.load_device
     topts = dict(model.model_options.get("transformer_options", {}))
@@ -71,7 +84,8 @@ def _predict_eps(model, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tens
     x = x_t.to(device)
     s = sigma.to(device)
     with torch.no_grad():
-        denoised = model.model.apply_model(x, s, c_crossattn=cond.to(device), transformer_options=topts)
+        inputs = _model_inputs(model, positive, x, x0, device)
+        denoised = model.model.apply_model(x, s, **inputs, transformer_options=topts)
     return ((x - denoised) / s.view(-1, 1, 1, 1)).float().cpu()
 
 
@@ -111,8 +125,6 @@ def latent_fisher(base, custom, clip, settings: FisherSettings,
                                        settings.sampler, settings.scheduler, positive, negative, {"samples": empty})
         x0 = base.model.process_latent_in(out["samples"]).float().cpu()
         tick()
-        cond = positive[0][0].float()
-        cond = cond.expand(x0.shape[0], *cond.shape[1:])
         g = torch.Generator().manual_seed(settings.seed * 1_000_003 + pi)
         noised = []
         for sigma in sigmas:
@@ -121,11 +133,11 @@ def latent_fisher(base, custom, clip, settings: FisherSettings,
             noised.append((sampling.noise_scaling(s, noise, x0), s))
         base_eps = []
         for x_t, s in noised:
-            base_eps.append(_predict_eps(base, x_t, s, cond))
+            base_eps.append(_predict_eps(base, x_t, s, positive, x0))
             tick()
         per_level = []
         for (x_t, s), eb in zip(noised, base_eps, strict=True):
-            per_level.append(squared_differences(eb, _predict_eps(custom, x_t, s, cond)))
+            per_level.append(squared_differences(eb, _predict_eps(custom, x_t, s, positive, x0)))
             tick()
         rows.append(torch.stack(per_level, dim=1))  # [seeds, levels]
     return fisher_divergence(torch.cat(rows), sigmas.double())

@@ -134,3 +134,13 @@ def test_wasserstein_on_clip_vision_embeddings(comfy, tmp_path):
     (w2b, _, _), _ = comfy.run_node("DCIWasserstein", concept_images=a, class_images=b, shrinkage="auto",
                                     clip_vision=vision)
     assert w2b > 1e-3
+
+
+def test_fisher_on_sdxl_uses_its_pooled_and_size_conditioning(comfy, tiny_sdxl):
+    model, clip, _ = tiny_sdxl
+    assert fisher(comfy, model, model.clone(), clip)[0] == 0.0
+    name = write_concept(random_concept(model, clip, scale=0.2, family="sdxl"), "test_fisher_sdxl")
+    (custom, _, _), _ = comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name,
+                                       strength_model=1.0, strength_clip=1.0)
+    eps, score, _ = fisher(comfy, model, custom, clip)
+    assert eps > 0 and score > 0
