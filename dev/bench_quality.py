@@ -9,6 +9,9 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
   yellow stripes and a blue star emblem at the left ..."): what words alone reach;
 - ``cd``: DCI Train Concept, mode custom_diffusion (template caption "photo of a sks circle");
 - ``ico``: DCI Train Concept, mode ico (per-image contexts);
+- ``infusion``: DCI Train Concept, mode infusion (one residual vector per cross-attention layer on the values
+  at the trigger's tokens; keys locked), at its own learning rate (``--infusion-lr``: the default gives the
+  official code's 0.01 per step);
 
 and each trained concept sampled with the stock KSampler and with DCI KSampler over a small split/λ sweep
 (``--dci``; separate guidance, reference map (the context words) and normalisation unless a row says
@@ -24,14 +27,22 @@ ends of the fidelity scale are measured in the same run: the floor is the class 
 VAE encode → decode (what a perfect model could score through this VAE). ``fid_norm`` is fidelity on that
 scale, (fidelity − floor) / (ceiling − floor).
 
+Overfitting (Infusion's two metrics, as ``dci.method.overfitting`` reconstructs them), for every row:
+``fisher`` (DCI Fisher Divergence: the row's MODEL against the base MODEL on ``--fisher-prompts`` base-world
+captions that do not name any concept, ε space, mean over concepts; a DCI row shares its trained model's value,
+since DCI only changes how concept prompts are sampled) and ``w2`` (DCI Wasserstein on toy-world scene
+descriptors: the row's images of the concept against the ``base`` row's class-prompt images of the same scenes
+and seeds, per concept, mean over concepts; ``w2_per_prompt``: the per-prompt variant).
+
 Prints a table (mean ± standard error over images, and the per-concept fidelity), then, last, the scale's
 ends and one line per method:
 fidelity_floor=<0..1> fidelity_ceiling=<0..1>
-method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..>
+method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..> fisher=<..> w2=<..>
+  fisher_score=<..> w2_per_prompt=<..>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
        [--train-steps 600] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--threads 1]
-       [--grid out.png] [--plot out.png]
+       [--infusion-lr 2.5e-6] [--fisher-prompts 4] [--fisher-levels 4] [--grid out.png] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ TRAIN = dict(num_tokens=2, prefix_context="photo of a", suffix_context=".", batc
              learning_rate=1e-3, context_lr_multiplier=10.0, resolution=128, seed=0, precision="fp32",
              gradient_checkpointing=False, overwrite=True, resume=False, checkpoint_every=0, random_flip=False)
 N_TRAIN_IMAGES = 5
+FISHER_SEED = 424242  # the base-world scenes whose captions are the Fisher divergence's non-concept prompts
 # The sweep (see docs/benchmarks.md): split 0.3 (the reference default) at λ 0 (the reference default), -1, 1
 # and 2; split 0.5 at λ 1; then one change each at 0.3, λ 1: the noun reading, pixel_count normalisation, the
 # auxiliary branch on the base model's K/V.
@@ -79,7 +91,14 @@ def parse_args(argv=None):
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
                         "from the auxiliary noun instead of the context words; empty: no DCI)")
-    p.add_argument("--methods", default="base,base_desc,cd,ico", help="comma list of base, base_desc, cd, ico")
+    p.add_argument("--methods", default="base,base_desc,cd,ico,infusion",
+                   help="comma list of base, base_desc, cd, ico, infusion")
+    p.add_argument("--infusion-lr", type=float, default=2.5e-6,
+                   help="per-image learning rate of infusion (× batch × 1000 = its vectors' step size; the "
+                        "default gives 0.01, the official code's rate)")
+    p.add_argument("--fisher-prompts", type=int, default=4,
+                   help="non-concept prompts of the Fisher divergence (2 seeds each)")
+    p.add_argument("--fisher-levels", type=int, default=4, help="noise levels of the Fisher divergence")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first seed's samples here")
@@ -147,6 +166,9 @@ class Bench:
         self._meters: dict = {}
         self.timings: dict[str, float] = {}
         self.grid: dict[str, list[np.ndarray]] = {}
+        self.images: dict[tuple[str, str], list[np.ndarray]] = {}  # (method, concept) → one batch per prompt
+        self.fisher: dict[tuple[str, str], tuple[float, float]] = {}  # (trained method, concept) → (ε, score)
+        self._fisher_prompts: str | None = None
 
     def model_name(self) -> str:
         if self.args.model is None:
@@ -203,6 +225,49 @@ class Bench:
                 "prompt_acc": fid.mean_score(fid.prompt_scores(img, prompt, concept)),
             })
         self.grid.setdefault(method, []).append(images[0])
+        self.images.setdefault((method, name), []).append(images)
+
+    def fisher_prompts(self) -> str:
+        """Captions of base-world scenes that name no concept: the prompts of the Fisher divergence."""
+        if self._fisher_prompts is None:
+            from dci.toyworld.render import caption, sample_scenes
+
+            from .toyworld.concepts import concept_looks
+
+            scenes = sample_scenes(self.args.fisher_prompts, FISHER_SEED, excluded_looks=concept_looks())
+            self._fisher_prompts = "\n".join(caption(sc) for sc in scenes)
+        return self._fisher_prompts
+
+    def measure_fisher(self, method: str, name: str, model, clip) -> None:
+        """DCI Fisher Divergence of ``model`` against the base MODEL (same settings for every method)."""
+        from dci.toyworld.render import IMAGE_SIZE
+
+        a = self.args
+        t0 = time.perf_counter()
+        eps, score, _ = self.run("DCIFisherDivergence", base_model=self.model, custom_model=model, clip=clip,
+                                 prompts=self.fisher_prompts(), seeds_per_prompt=2, seed=0,
+                                 noise_levels=a.fisher_levels, sample_steps=a.steps, cfg=a.cfg, width=IMAGE_SIZE,
+                                 height=IMAGE_SIZE, sampler_name=a.sampler, scheduler="normal")[0]
+        self.fisher[(method, name)] = (eps, score)
+        self._tick("fisher", t0)
+
+    def measure_w2(self, method: str, name: str) -> tuple[float, float]:
+        """DCI Wasserstein of this row's images against the base row's, same scenes and seeds."""
+        import torch
+
+        mine, base = self.images.get((method, name)), self.images.get(("base", name))
+        if not mine or not base or len(mine) != len(base):
+            return float("nan"), float("nan")
+        t0 = time.perf_counter()
+
+        def batch(arrays):
+            return torch.from_numpy(np.concatenate(arrays).astype(np.float32) / 255.0)
+
+        prompts = "\n".join(f"prompt {i}" for i in range(len(mine)))
+        w2, per, _ = self.run("DCIWasserstein", concept_images=batch(mine), class_images=batch(base),
+                              shrinkage="auto", prompts=prompts)[0]
+        self._tick("w2", t0)
+        return w2, per
 
     def train(self, mode: str, name: str, concept):
         import torch
@@ -214,7 +279,8 @@ class Bench:
         model, clip, ref, _ = self.run(
             "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=images,
             class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=self.args.train_steps,
-            save_name=f"bench_quality_{mode}_{name}", **{**TRAIN, "learning_rate": self.args.lr})[0]
+            save_name=f"bench_quality_{mode}_{name}",
+            **{**TRAIN, "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
         self._tick(f"train {mode}", t0)
         return model, clip, ref
 
@@ -235,6 +301,8 @@ class Bench:
             concept = CONCEPTS[name]
             scenes = pick_scenes(concept, a.prompts)
             self.ceiling(name, concept, scenes)
+            if any(m in methods for m in ("base", "base_desc")) and ("base", "") not in self.fisher:
+                self.measure_fisher("base", "", self.model.clone(), self.clip)
             for label, words in (("base", lambda sc, concept=concept: caption(sc, noun=concept.class_noun)),
                                  ("base_desc", lambda sc, concept=concept: description_prompt(sc, concept))):
                 if label not in methods:
@@ -245,10 +313,11 @@ class Bench:
                     self.score(label, name, concept, concept_prompt(scene, TRIGGER, concept),
                                self.sample(self.model, pos, 1000 + i, None))
                 self._tick("sample plain", t0)
-            for mode, label in (("custom_diffusion", "cd"), ("ico", "ico")):
+            for mode, label in (("custom_diffusion", "cd"), ("ico", "ico"), ("infusion", "infusion")):
                 if label not in methods:
                     continue
                 model, clip, ref = self.train(mode, name, concept)
+                self.measure_fisher(label, name, model, clip)
                 for i, scene in enumerate(scenes):
                     prompt = concept_prompt(scene, TRIGGER, concept)
                     t0 = time.perf_counter()
@@ -275,10 +344,10 @@ class Bench:
         concepts = list(dict.fromkeys(r["concept"] for r in self.records))
         keys = ("fidelity", "editability", "prompt_acc")
         width = max(len(m) for m in methods) + 2
+        summary = self.overfitting(methods, concepts)
         print()
-        print(f"{'method':<{width}}" + "".join(f"{k:>16}" for k in keys) + "   fidelity per concept (" +
-              ", ".join(concepts) + ")   n")
-        summary = {}
+        print(f"{'method':<{width}}" + "".join(f"{k:>16}" for k in keys) + f"{'fisher':>11}{'w2':>9}"
+              + "   fidelity per concept (" + ", ".join(concepts) + ")   n")
         for m in methods:
             rows = [r for r in self.records if r["method"] == m]
             cells = []
@@ -288,9 +357,12 @@ class Bench:
                 cells.append(f"{v.mean():>9.3f} ±{se:.3f}")
                 summary.setdefault(m, {})[k] = float(v.mean())
             per = [np.mean([r["fidelity"] for r in rows if r["concept"] == c]) for c in concepts]
-            print(f"{m:<{width}}" + "".join(f"{c:>16}" for c in cells) + "   " +
+            print(f"{m:<{width}}" + "".join(f"{c:>16}" for c in cells)
+                  + f"{summary[m]['fisher']:>11.3g}{summary[m]['w2']:>9.3f}" + "   " +
                   " ".join(f"{p:.3f}" for p in per) + f"   {len(rows)}")
-        print("(mean ± standard error over images; timings: " +
+        print("(mean ± standard error over images; fisher: ε-space latent Fisher divergence against the base "
+              "model on non-concept prompts; w2: Gaussian W2 of scene descriptors against the base row's images; "
+              "both means over concepts. Timings: " +
               ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) + ")")
         floor = summary.get("base", {}).get("fidelity", float("nan"))
         ceiling = float(np.mean(self.ceilings)) if self.ceilings else float("nan")
@@ -312,7 +384,26 @@ class Bench:
         for m in methods:
             s = summary[m]
             print(f"method={m.replace(' ', '')} fidelity={s['fidelity']:.3f} editability={s['editability']:.3f} "
-                  f"prompt_acc={s['prompt_acc']:.3f} fid_norm={s['fid_norm']:.3f}")
+                  f"prompt_acc={s['prompt_acc']:.3f} fid_norm={s['fid_norm']:.3f} fisher={s['fisher']:.4g} "
+                  f"w2={s['w2']:.4f} fisher_score={s['fisher_score']:.4g} w2_per_prompt={s['w2_per_prompt']:.4f}")
+
+    def overfitting(self, methods: list[str], concepts: list[str]) -> dict[str, dict[str, float]]:
+        """Per method: fisher and fisher_score (its trained model's, or the base model's; mean over concepts),
+        w2 and w2_per_prompt (mean over concepts)."""
+        out = {}
+        for m in methods:
+            trained = m.split("+", 1)[0]
+            base_model = trained in ("base", "base_desc")  # both sample the base model itself
+            values = [self.fisher.get(("base", "") if base_model else (trained, c)) for c in concepts]
+            values = [v for v in values if v is not None]
+            w2 = [self.measure_w2(m, c) for c in concepts]
+            out[m] = {
+                "fisher": float(np.mean([v[0] for v in values])) if values else float("nan"),
+                "fisher_score": float(np.mean([v[1] for v in values])) if values else float("nan"),
+                "w2": float(np.nanmean([v[0] for v in w2])) if w2 else float("nan"),
+                "w2_per_prompt": float(np.nanmean([v[1] for v in w2])) if w2 else float("nan"),
+            }
+        return out
 
     def write_grid(self, path: Path) -> None:
         rows = [(m, np.concatenate(v, axis=1)) for m, v in self.grid.items()]

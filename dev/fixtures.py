@@ -263,6 +263,46 @@ def random_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", k
     )
 
 
+def tiny_clip_vision(folder: str | os.PathLike, seed: int = 0):
+    """A CLIP_VISION of ComfyUI's own class (``comfy.clip_vision.ClipVisionModel``) from a tiny config (two layers,
+    width 32, 28×28 input, 16-dim embeddings), random weights."""
+    import json
+
+    import comfy.clip_vision
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
+              "image_size": 28, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 14, "projection_dim": 16}
+    path = Path(folder) / "tiny_clip_vision.json"
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    _init_random(vision.model, seed)
+    return vision
+
+
+def random_infusion_concept(model, clip, trigger: str = "sks", class_noun: str = "dog", scale: float = 0.5,
+                            keys: bool = False, seed: int = 0):
+    """An Infusion concept for ``model``/``clip``: random residual vectors (values; keys too with ``keys``) and
+    one token row (no training needed)."""
+    from dci.comfyui.concept import base_fingerprint
+    from dci.comfyui.model import cross_attention_layers
+    from dci.comfyui.tokenizer import text_encoder_widths
+    from dci.files.concept import Concept
+
+    g = torch.Generator().manual_seed(seed)
+    residuals = {}
+    for layer in cross_attention_layers(model):
+        base = layer.weight_prefix.rstrip(".")
+        residuals[f"{base}.to_v"] = torch.randn(layer.inner_dim, generator=g) * scale
+        if keys:
+            residuals[f"{base}.to_k"] = torch.randn(layer.inner_dim, generator=g) * scale
+    tokens = {enc: torch.randn(1, w, generator=g) * 0.02 for enc, w in text_encoder_widths(clip).items()}
+    return Concept(family="sd1", trigger=trigger, class_noun=class_noun, kv_deltas={}, tokens=tokens,
+                   residuals=residuals, base_fingerprint=base_fingerprint(model), method="infusion", steps=0,
+                   training={"note": "random tensors"})
+
+
 def concepts_folder() -> Path:
     """The in-process ComfyUI's models/concepts folder."""
     from dci.comfyui.folders import concepts_folder as folder

@@ -3,6 +3,8 @@
 * K/V deltas become ``("diff", …)`` weight patches on a *clone* of the MODEL (ComfyUI adds them, scaled by
   the strength, when it loads the model; chained loaders add up).
 * The trigger word goes into a *clone* of the CLIP (``tokenizer.add_trigger``).
+* Infusion residual vectors become attn2 patches on the MODEL clone and the CLIP clone records where the
+  trigger's tokens are (``infusion``).
 
 Everything is checked before anything is patched: another family or architecture is refused with a message
 naming both, other base weights of the same architecture give a warning.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files.concept import Concept, ConceptFileError, architecture_id
+from . import infusion
 from .model import FAMILY_LABEL, config_name, cross_attention_layers, model_family
 from .tokenizer import ConceptMismatchError, add_trigger, text_encoder_widths
 
@@ -99,6 +102,11 @@ def check_compatible(concept: Concept, model_patcher, clip=None, name: str = "co
                 f"{name} was trained on other base weights (fingerprint {concept.base_fingerprint}); it loads, "
                 "but may look different than on its own base model"
             )
+    if concept.residuals:
+        try:
+            infusion.residual_layers(model_patcher, concept.residuals)
+        except ValueError as e:
+            raise ConceptMismatchError(f"{name}: {e}") from None
     if clip is not None and concept.tokens:
         widths = text_encoder_widths(clip)
         for enc, vec in concept.tokens.items():
@@ -126,9 +134,14 @@ def apply_concept(concept: Concept, model_patcher, clip, strength_model: float =
         added = model_out.add_patches(patches, strength_model)
         if len(added) != len(patches):
             raise ConceptFileError(f"{name}: {len(patches) - len(added)} key/value deltas match no weight of this MODEL")
+    marks = infusion.Marks() if concept.residuals else None
+    if marks is not None and strength_model != 0.0:
+        model_out = infusion.patch_model(model_out, concept.residuals, marks, strength_model)
     clip_out = clip
     if clip is not None:
         clip_out = clip.clone()
         if concept.tokens and strength_clip != 0.0:
             clip_out = add_trigger(clip, concept.trigger, concept.tokens, strength_clip)
+            if marks is not None:
+                clip_out = infusion.mark_clip(clip_out, marks, clip_out.tokenizer.triggers[-1].vectors)
     return model_out, clip_out, warnings

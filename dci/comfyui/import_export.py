@@ -13,7 +13,7 @@ import comfy.utils
 
 from ..files import convert, foreign
 from ..files.atomic import write_files, write_folder
-from ..files.concept import Concept
+from ..files.concept import Concept, ConceptFileError
 from .concept import base_fingerprint, base_kv_weights, check_compatible, kv_weight_keys
 from .model import UnsupportedModelError, config_name, model_family
 from .tokenizer import text_encoder_widths
@@ -53,6 +53,8 @@ def import_concept(source: Path, fmt: str, model_patcher, clip, trigger: str, cl
     """Read a Custom Diffusion source and turn it into a concept for this MODEL and CLIP (nothing is written)."""
     family = model_family(model_patcher)
     found = foreign.read_source(source, fmt)
+    if found.format == "infusion":
+        return _infusion_concept(found, model_patcher, clip, family, trigger, class_noun, source.name)
     chosen = foreign.select_tokens(found, tokens)
     if not chosen:
         raise foreign.ForeignFormatError(foreign.NO_TOKENS)
@@ -72,9 +74,49 @@ def import_concept(source: Path, fmt: str, model_patcher, clip, trigger: str, cl
     return concept, notes
 
 
+IMPORTED_TOKEN_NUDGE = 1e-3  # relative change that keeps an imported trigger's rows apart from its class noun's
+
+
+def _infusion_concept(found, model_patcher, clip, family: str, trigger: str, class_noun: str,
+                      source: str) -> tuple[Concept, list[str]]:
+    """Infusion vectors → a concept: residuals under this MODEL's keys; the trigger stands for the class noun's
+    token row (the official training starts its placeholder there and never trains it), scaled by
+    1 + IMPORTED_TOKEN_NUDGE so that prompts naming the class noun itself never look like the trigger."""
+    from .training.settings import TrainingError
+    from .training.text_encoder import TextEncoder
+
+    if not trigger.strip():
+        raise foreign.ForeignFormatError("enter a trigger word: an Infusion file has no usable token name")
+    if not class_noun.strip():
+        raise foreign.ForeignFormatError("enter the class noun the Infusion vectors were trained with (its "
+                                         "'initializer_words', e.g. cat)")
+    residuals = {LDM_MODEL_PREFIX + k: v for k, v in found.residuals.items()}
+    try:
+        text = TextEncoder(clip)
+        row = text.vocabulary_rows((class_noun.strip(),)).detach().float().cpu()
+    except TrainingError as e:
+        raise foreign.ForeignFormatError(f"the class noun must be one token of this CLIP's vocabulary ({e})") from None
+    tokens = {text.key: row * (1 + IMPORTED_TOKEN_NUDGE)}
+    concept = Concept(family=family, trigger=trigger.strip(), class_noun=class_noun.strip(), kv_deltas={},
+                      tokens=tokens, token_init={text.key: row.clone()}, residuals=residuals,
+                      base_fingerprint=base_fingerprint(model_patcher), method="infusion (imported)",
+                      training={"source": source, "format": "infusion"})
+    check_compatible(concept, model_patcher, clip)
+    return concept, list(found.notes)
+
+
+def refuse_residuals(concept: Concept) -> None:
+    """Infusion's residual vectors act only at the trigger's tokens, which no weight change can express."""
+    if concept.residuals:
+        raise ConceptFileError("this is an Infusion concept: its residual vectors act only at the trigger word's "
+                               "tokens, which a LoRA or a Custom Diffusion folder can't express; load it with DCI "
+                               "Load Concept instead")
+
+
 def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, embedding_path: Path,
                               overwrite: bool, precision: str = "exact") -> list[tuple[Path, bool]]:
     """A LoRA file of ``.diff`` entries (stock LoraLoaderModelOnly) and an embedding file (``embedding:name``)."""
+    refuse_residuals(concept)
     check_compatible(concept, model_patcher)
     usage = f"embedding:{embedding_path.stem} {concept.class_noun}"
     meta = {"dci_trigger": concept.trigger, "dci_class_noun": concept.class_noun, "dci_family": concept.family,
@@ -90,6 +132,7 @@ def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, 
 def export_diffusers(concept: Concept, model_patcher, folder: Path, overwrite: bool,
                      precision: str = "exact") -> list[tuple[Path, bool]]:
     """A diffusers Custom Diffusion folder: full K/V weights (base + delta) under diffusers names, token files."""
+    refuse_residuals(concept)
     check_compatible(concept, model_patcher)
     to_diffusers = {c: d for d, c in kv_key_map(model_patcher, "diffusers").items()}
     missing = [k for k in concept.kv_deltas if k not in to_diffusers]

@@ -128,6 +128,7 @@ def model_summary(model_patcher, clip=None) -> dict:
         "context_dim": sorted({layer.context_dim for layer in layers}),
         "cross_attention_layers": len(layers),
         "kv_parameters": sum(2 * layer.context_dim * layer.inner_dim for layer in layers),
+        "infusion_values": sum(layer.inner_dim for layer in layers),  # one value vector per attn2 layer
         "layers": [
             {"name": layer.name, "heads": layer.heads, "dim_head": layer.dim_head, "context_dim": layer.context_dim}
             for layer in layers

@@ -15,6 +15,10 @@ key                                             shape                meaning
                                                                      for SDXL)
 ``token_init.<encoder>``                        [k, width]           optional: the rows training started from
 ``context.<encoder>.prefix`` / ``.suffix``      [images, n, width]   optional (ICO): learned per-image contexts
+``residual.<model key of an attn2>.to_v``       [inner]              Infusion: the vector added to the value
+                                                                     projection's output at the trigger's
+                                                                     tokens (``.to_k``: the same for keys, when
+                                                                     trained with unlocked keys)
 ==============================================  ===================  ==========================================
 
 Metadata (safetensors string metadata): see ``REQUIRED_METADATA`` and ``Concept.metadata``.
@@ -46,6 +50,7 @@ KV_PREFIX = "kv_delta."
 TOKEN_PREFIX = "token."
 TOKEN_INIT_PREFIX = "token_init."
 CONTEXT_PREFIX = "context."
+RESIDUAL_PREFIX = "residual."
 
 ENCODERS = ("clip_l", "clip_g", "clip_h")  # clip_h: the OpenCLIP ViT-H text encoder of SD2.x
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -73,6 +78,7 @@ class Concept:
     steps: int = 0
     training: dict = field(default_factory=dict)
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # "<attn2 key>.to_v" / ".to_k" → [inner]
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +86,9 @@ class Concept:
 
     @property
     def architecture(self) -> str:
-        return architecture_id({k: tuple(v.shape) for k, v in self.kv_deltas.items()})
+        if self.kv_deltas or not self.residuals:
+            return architecture_id({k: tuple(v.shape) for k, v in self.kv_deltas.items()})
+        return architecture_id({k: tuple(v.shape) for k, v in self.residuals.items()}, prefix="res")
 
     def metadata(self) -> dict[str, str]:
         meta = {
@@ -106,6 +114,7 @@ class Concept:
         out.update({TOKEN_PREFIX + k: v for k, v in self.tokens.items()})
         out.update({TOKEN_INIT_PREFIX + k: v for k, v in self.token_init.items()})
         out.update({CONTEXT_PREFIX + k: v for k, v in self.contexts.items()})
+        out.update({RESIDUAL_PREFIX + k: v for k, v in self.residuals.items()})
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def validate(self) -> None:
@@ -115,8 +124,14 @@ class Concept:
         check_trigger(self.trigger)
         if not self.class_noun.strip():
             raise ConceptFileError("the class noun is empty")
-        if not self.kv_deltas and not self.tokens:
-            raise ConceptFileError("the concept holds neither key/value deltas nor token embeddings")
+        if not self.kv_deltas and not self.tokens and not self.residuals:
+            raise ConceptFileError("the concept holds neither key/value deltas, residuals nor token embeddings")
+        for key, t in self.residuals.items():
+            if not re.fullmatch(r"[\w.]+\.attn2\.to_[kv]", key):
+                raise ConceptFileError(f"{RESIDUAL_PREFIX}{key}: not a cross-attention to_k/to_v key")
+            if t.dim() != 1:
+                raise ConceptFileError(f"{RESIDUAL_PREFIX}{key}: expected one vector [inner], got shape "
+                                       f"{tuple(t.shape)}")
         for key, t in self.kv_deltas.items():
             if not re.fullmatch(r"[\w.]+\.attn2\.to_[kv]\.weight", key):
                 raise ConceptFileError(f"{KV_PREFIX}{key}: not a cross-attention to_k/to_v weight key")
@@ -155,13 +170,15 @@ def check_trigger(trigger: str) -> None:
         )
 
 
-def architecture_id(kv_shapes: dict[str, tuple[int, ...]]) -> str:
-    """A short, readable id of the cross-attention layout: '<layers>x<context dims>-<hash of keys+shapes>'."""
-    contexts = sorted({shape[1] for shape in kv_shapes.values()})
+def architecture_id(kv_shapes: dict[str, tuple[int, ...]], prefix: str = "kv") -> str:
+    """A short, readable id of the cross-attention layout: '<layers>x<context dims>-<hash of keys+shapes>'
+    (``res``: an Infusion concept's layout, by its residual vectors' keys and widths)."""
+    contexts = sorted({shape[-1] for shape in kv_shapes.values()})
     h = hashlib.sha256()
     for key in sorted(kv_shapes):
         h.update(f"{key}:{kv_shapes[key]};".encode())
-    return f"kv{len(kv_shapes)}-ctx{'+'.join(map(str, contexts))}-{h.hexdigest()[:12]}"
+    kind = "ctx" if prefix == "kv" else "inner"
+    return f"{prefix}{len(kv_shapes)}-{kind}{'+'.join(map(str, contexts))}-{h.hexdigest()[:12]}"
 
 
 def sanitize_name(name: str) -> str:
@@ -286,13 +303,15 @@ def load_concept(path: str | os.PathLike) -> Concept:
         tokens=_strip(tensors, TOKEN_PREFIX),
         token_init=_strip(tensors, TOKEN_INIT_PREFIX),
         contexts=_strip(tensors, CONTEXT_PREFIX),
+        residuals=_strip(tensors, RESIDUAL_PREFIX),
         base_fingerprint=meta.get("base_fingerprint", ""),
         method=meta.get("method", ""),
         steps=int(meta.get("steps") or 0),
         training=training,
         extra_metadata={k: v for k, v in meta.items() if k not in known},
     )
-    unknown = [k for k in tensors if not k.startswith((KV_PREFIX, TOKEN_PREFIX, TOKEN_INIT_PREFIX, CONTEXT_PREFIX))]
+    unknown = [k for k in tensors
+               if not k.startswith((KV_PREFIX, TOKEN_PREFIX, TOKEN_INIT_PREFIX, CONTEXT_PREFIX, RESIDUAL_PREFIX))]
     if unknown:
         raise ConceptFileError(f"{path.name} holds tensors this format does not define: {', '.join(unknown[:5])}")
     concept.validate()

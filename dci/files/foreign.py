@@ -13,6 +13,12 @@ Sources that are read (content decides, not the file name):
   CompVis variant is ``{"state_dict": {"model.diffusion_model.<…>.attn2.to_k.weight": weight or {u, v},
   "embed": [k, width]}}``, whose tokens are ``<new1>…<newk>`` in row order.
 
+* **infusion** (``zwl666666/infusion``): the vectors its training saves under ``target_output``
+  (``{"<ldm block>.attn2.to_v.target_output": [inner], …}``, ``to_k`` too when its default attention path
+  trained them), either as that dictionary or inside a checkpoint dictionary under ``"target_output"``. The
+  official checkpoint itself also pickles its text-embedding manager's ``nn.ParameterDict``, which
+  ``weights_only`` loading refuses: such a file is reported with how to extract the vectors where it is trusted.
+
 ``.bin``/``.pt``/``.ckpt`` files are opened with ``torch.load(weights_only=True)`` only: a file that needs any
 other object to unpickle is refused, its code never runs. A ``.bin`` that is really a safetensors file (what
 diffusers writes for token files) is read as safetensors.
@@ -34,7 +40,7 @@ import torch
 
 from .concept import ENCODERS, ConceptFileError, read_safetensors_header
 
-FORMATS = ("auto", "diffusers", "adobe")
+FORMATS = ("auto", "diffusers", "adobe", "infusion")  # new formats at the end: saved workflows store the choice
 DIFFUSERS_WEIGHTS_STEM = "pytorch_custom_diffusion_weights"
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -46,6 +52,10 @@ _PROCESSOR_KV = re.compile(r"(.+\.attn2)\.processor\.to_([kv])_custom_diffusion\
 _PROCESSOR_OTHER = re.compile(r".+\.processor\.to_(q|out)_custom_diffusion\..+")
 _KV = re.compile(r".+\.attn2\.to_[kv]\.weight")
 _LDM_PREFIX = "model.diffusion_model."
+_INFUSION = re.compile(r"(?:model\.)?(?:diffusion_model\.)?(.+\.attn2\.to_[kv])\.target_output")
+INFUSION_EXTRACT = ("in the official code's environment (where the file is trusted), keep only the vectors: "
+                    "ckpt = torch.load(path, weights_only=False); "
+                    "safetensors.torch.save_file(ckpt['target_output'], 'infusion_vectors.safetensors')")
 
 
 class ForeignFormatError(ConceptFileError):
@@ -61,6 +71,7 @@ class ForeignConcept:
     full: dict[str, torch.Tensor] = field(default_factory=dict)  # K/V key → fine-tuned weight
     delta: dict[str, torch.Tensor] = field(default_factory=dict)  # K/V key → weight change
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token → 1-D vector (clip_l then clip_g)
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # infusion: "<ldm block>.attn2.to_v" → [inner]
     metadata: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -290,9 +301,45 @@ def parse_token_file(obj, metadata: dict[str, str], path: Path) -> dict[str, tor
     return {str(token): _token_vector(f"{path.name}: {token}", value)}
 
 
+def _infusion_vectors(obj) -> dict | None:
+    """The ``target_output`` dictionary of an Infusion file, or None."""
+    if not isinstance(obj, dict):
+        return None
+    inner = obj.get("target_output")
+    sd = inner if isinstance(inner, dict) else obj
+    if sd and any(_INFUSION.fullmatch(str(k)) for k in sd):
+        return sd
+    return None
+
+
+def parse_infusion(obj: dict, name: str) -> ForeignConcept:
+    """Infusion's residual vectors, by ldm block key (``input_blocks.1.1.transformer_blocks.0.attn2.to_v``)."""
+    sd = _infusion_vectors(obj)
+    out = ForeignConcept(format="infusion", naming="ldm")
+    for key, value in (sd or {}).items():
+        m = _INFUSION.fullmatch(str(key))
+        if not m:
+            if str(key).endswith("target_input") or ".target_outputs." in str(key):
+                raise ForeignFormatError(f"{name}: {key} belongs to a multi-concept or rank-one-editing file; "
+                                         "only single-concept Infusion vectors can be imported")
+            continue
+        t = _check_tensor(f"{name}: {key}", value)
+        if t.dim() != 1:
+            raise ForeignFormatError(f"{name}: {key} should be one vector, got shape {tuple(t.shape)}")
+        out.residuals[m.group(1)] = t.float()
+    if not any(k.endswith(".to_v") for k in out.residuals):
+        raise ForeignFormatError(f"{name} holds no Infusion value vectors (…attn2.to_v.target_output)")
+    out.notes.append(f"{name}: {sum(k.endswith('.to_v') for k in out.residuals)} value vectors"
+                     f"{', ' + str(sum(k.endswith('.to_k') for k in out.residuals)) + ' key vectors' if any(k.endswith('.to_k') for k in out.residuals) else ''}; "
+                     "the trigger stands for the class noun's own token (the official training never changes it)")
+    return out
+
+
 def _content_kind(obj) -> str:
     if not isinstance(obj, dict) or not obj:
         return "unknown"
+    if _infusion_vectors(obj) is not None:
+        return "infusion"
     if isinstance(obj.get("unet"), dict) or isinstance(obj.get("state_dict"), dict):
         return "adobe"
     if any(_PROCESSOR_KV.fullmatch(str(k)) or _PROCESSOR_OTHER.fullmatch(str(k)) for k in obj):
@@ -356,14 +403,23 @@ def read_source(path: Path, fmt: str = "auto") -> ForeignConcept:
     if fmt not in FORMATS:
         raise ForeignFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     weights_path = _pick_in_folder(path) if path.is_dir() else path
-    obj, metadata = read_tensor_file(weights_path)
+    try:
+        obj, metadata = read_tensor_file(weights_path)
+    except ForeignFormatError as e:
+        if fmt in ("infusion", "auto") and "was refused" in str(e):
+            raise ForeignFormatError(f"{e} If it is an official Infusion checkpoint: it pickles its embedding "
+                                     f"manager (an nn.ParameterDict), so {INFUSION_EXTRACT}") from None
+        raise
     kind = _content_kind(obj)
     if kind == "unknown":
         raise ForeignFormatError(f"{weights_path.name} is not a Custom Diffusion file of diffusers or adobe format "
-                                 f"(found {_describe(obj)})")
+                                 f"nor Infusion vectors (found {_describe(obj)})")
     if fmt != "auto" and fmt != kind:
         raise ForeignFormatError(f"{weights_path.name} is in {kind} format, not {fmt}: choose format '{kind}' or 'auto'")
-    if kind == "diffusers":
+    if kind == "infusion":
+        out = parse_infusion(obj, weights_path.name)
+        out.files.append(weights_path)
+    elif kind == "diffusers":
         out = parse_diffusers_weights(obj, weights_path.name)
         out.files.append(weights_path)
         _add_token_files(out, weights_path, metadata)

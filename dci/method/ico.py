@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .token_spans import SpecialTokens
 
-MODES = ("ico", "custom_diffusion")
+MODES = ("ico", "custom_diffusion", "infusion")  # new modes go at the end: saved workflows store the choice
 CUSTOM_DIFFUSION_PREFIX = "photo of a"
 RARE_TOKEN_WORDS = ("pll", "ucd", "olis")  # single, rarely used CLIP BPE tokens: starting rows for V*
 CONTEXT_INIT_STD = 0.02
@@ -160,6 +160,20 @@ def collect_images(items: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     return torch.cat([square_images(x, size) for x in items])
 
 
+def collect_masks(items: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """A list of MASK batches ``[B, H, W]`` (or one ``[H, W]``) → ``[N, size, size]``, each centre-cropped and
+    resized exactly as its image is (``square_images``), values clamped to 0..1."""
+    if not items:
+        raise ValueError("no masks")
+    out = []
+    for m in items:
+        m = m.unsqueeze(0) if m.dim() == 2 else m
+        if m.dim() != 3:
+            raise ValueError(f"expected a MASK [B, H, W], got shape {tuple(m.shape)}")
+        out.append(square_images(m.float().unsqueeze(-1).expand(*m.shape, 3), size)[..., 0])
+    return torch.cat(out)
+
+
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -214,6 +228,12 @@ def draw_step(seed: int, step: int, batch_size: int, num_concept: int, num_reg: 
     flips = (torch.rand(n, generator=g) < 0.5).tolist() if flip else [False] * n
     t = torch.randint(0, num_timesteps, (n,), generator=g)
     return StepDraw(concept, flips[: len(concept)], reg, flips[len(concept):], t, g)
+
+
+def modifier_positions(num_prefix: int, num_tokens: int) -> list[int]:
+    """Where the k modifier tokens sit in a caption built by ``caption_entries`` (after the start token and
+    the prefix)."""
+    return list(range(1 + num_prefix, 1 + num_prefix + num_tokens))
 
 
 def effective_learning_rates(learning_rate: float, batch_size: int, context_multiplier: float) -> tuple[float, float]:

@@ -27,7 +27,8 @@ class DCIImportConcept:
     CATEGORY = "concept/files"
     DESCRIPTION = (
         "Import a Custom Diffusion result (diffusers folder with pytorch_custom_diffusion_weights + <new1> token "
-        "files, or adobe delta.bin, compressed or CompVis) from models/concepts or the input folder. Saves it as "
+        "files, or adobe delta.bin, compressed or CompVis), or the vectors of the official Infusion code, from "
+        "models/concepts or the input folder. Saves it as "
         "a concept file in models/concepts (key/value changes relative to this MODEL's weights) and applies it "
         "to copies of MODEL and CLIP: write the trigger word and the class noun in a prompt."
     )
@@ -50,7 +51,8 @@ class DCIImportConcept:
                                "'cat_run' (diffusers output folder) or 'cat_run/delta.bin'.", default=""),
                 "format": spec(list(FORMATS), "auto detects from the content; diffusers: "
                                "pytorch_custom_diffusion_weights + token files; adobe: delta.bin (also compressed "
-                               "and CompVis).", default="auto"),
+                               "and CompVis); infusion: the official Infusion code's target_output vectors (give a "
+                               "trigger word and the class noun it was trained with).", default="auto"),
                 "trigger": spec("STRING", "The word to write in prompts. Empty: the source's own (a concept "
                                 "exported by this pack) or derived from the token names (<new1> → new1).", default=""),
                 "class_noun": spec("STRING", "What the concept is (dog, mug, plush toy). Empty only when the "

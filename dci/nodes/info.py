@@ -20,7 +20,7 @@ class DCIModelInfo:
     CATEGORY = "concept/utils"
     DESCRIPTION = (
         "Describe a MODEL (and optionally its CLIP) the way this pack sees it: model family, number of "
-        "cross-attention layers, trainable key/value parameters, text encoders."
+        "cross-attention layers, trainable key/value parameters (and Infusion's value vectors), text encoders."
     )
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("info",)

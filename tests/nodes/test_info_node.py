@@ -17,6 +17,7 @@ def test_tiny_in_memory_model_is_described(comfy, tiny_sd15):
     # 2 levels with one transformer each on the way down, the middle block, 2 × 2 on the way up
     assert info["cross_attention_layers"] == 7
     assert info["kv_parameters"] == sum(2 * 64 * layer["heads"] * layer["dim_head"] for layer in info["layers"])
+    assert info["infusion_values"] == sum(layer["heads"] * layer["dim_head"] for layer in info["layers"])
     assert info["text_encoders"] == ["l"]
     assert ui == {"text": [text]}
 

@@ -1,7 +1,9 @@
 """ICO / Custom Diffusion training inside the ComfyUI process: the run and its loop.
 
 What trains: a delta for every attn2 ``to_k``/``to_v`` weight (``unet.training_patcher``), the k modifier-token
-rows and, in ICO mode, the per-image contexts. Nothing of the input MODEL, CLIP or VAE is modified.
+rows and, in ICO mode, the per-image contexts; in Infusion mode only one residual vector per attn2 layer
+(``unet.infusion_patcher``; the modifier-token rows stay at their starting rows). Nothing of the input MODEL,
+CLIP or VAE is modified.
 
 The loop runs as a ComfyUI ``Sampler`` through a ``CFGGuider``, as ComfyUI's own trainer does: ComfyUI's
 sampling entry loads the training clone and, as an additional model of it, the text encoder (with its memory
@@ -34,11 +36,22 @@ import torch
 from ...files.concept import Concept, load_concept, save_concept
 from ...files.train_state import TrainState, TrainStateError, load_state, save_state, state_path
 from ...method import ico
+from ...method.infusion import token_mask as infusion_rows
 from .. import seams
 from ..concept import base_fingerprint, base_kv_weights
 from .plan import Plan, plan_training
-from .settings import AUTOCAST, WEIGHT_DECAY, TrainingError, TrainSettings
-from .unet import WRAPPER_KEY, Capture, autograd_safe, gradient_checkpointing, target, training_patcher
+from .settings import AUTOCAST, RESIDUAL_LR_SCALE, WEIGHT_DECAY, TrainingError, TrainSettings
+from .unet import (
+    ROWS_KEY,
+    WRAPPER_KEY,
+    Capture,
+    autograd_safe,
+    gradient_checkpointing,
+    infusion_patcher,
+    residual_keys,
+    target,
+    training_patcher,
+)
 
 log = logging.getLogger(__name__)
 TEXT_ENCODER_KEY = "dci_train_text_encoder"  # the clone's additional model: the CLIP, loaded beside the UNet
@@ -61,9 +74,13 @@ class Trainables:
     tokens: torch.Tensor
     token_init: torch.Tensor
     contexts: dict[str, torch.Tensor]
+    residuals: dict[str, torch.Tensor]  # infusion: one vector per attn2 to_v (and to_k when unlocked)
+    train_tokens: bool = True
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
-        named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()] + [("token", self.tokens)]
+        named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()]
+        named += [("token", self.tokens)] if self.train_tokens else []
+        named += [(f"residual.{k}", v) for k, v in sorted(self.residuals.items())]
         return named + [(f"context.{k}", v) for k, v in sorted(self.contexts.items())]
 
     def names(self) -> list[str]:
@@ -85,7 +102,8 @@ class TrainingSampler(comfy.samplers.Sampler):
 class TrainingRun:
     """One training run: everything set up in the constructor, the steps in ``train``."""
 
-    def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step):
+    def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step,
+                 masks=None):
         self.plan, self.model, self.clip, self.vae, self.s = plan, model, clip, vae, settings
         self.on_step = on_step
         self.t0 = time.time()
@@ -94,9 +112,11 @@ class TrainingRun:
         self.autocast = AUTOCAST[settings.precision]
         self.images = ico.square_images(images.clone(), settings.resolution)
         self.reg_images = ico.square_images(reg_images.clone(), settings.resolution) if reg_images is not None else None
-        self.fingerprint = ico.tensor_fingerprint(self.images, *(() if self.reg_images is None else (self.reg_images,)))
+        extra = (() if self.reg_images is None else (self.reg_images,)) + (() if masks is None else (masks,))
+        self.fingerprint = ico.tensor_fingerprint(self.images, *extra)
         self.latents = self._latents(self.images)
         self.reg_latents = self._latents(self.reg_images) if self.reg_images is not None else None
+        self.masks = self._latent_masks(masks) if masks is not None else None
         self.reg_conds = self._reg_conds() if self.reg_images is not None else []
         self.trained = self._init_trainables()
         state = self._load_resume() if plan.resume else None
@@ -111,7 +131,10 @@ class TrainingRun:
         self.losses: list[float] = list(state.losses) if state is not None else []
         self.done = state.step if state is not None else 0
         self.capture = Capture()
-        self.patcher = training_patcher(model, self.trained.deltas, self.text.special.length)
+        if settings.mode == "infusion":
+            self.patcher = infusion_patcher(model, self.trained.residuals)
+        else:
+            self.patcher = training_patcher(model, self.trained.deltas, self.text.special.length)
         self.patcher.set_additional_models(TEXT_ENCODER_KEY, [clip.patcher])
         self.sampling = self.patcher.get_model_object("model_sampling")
         self.num_timesteps = int(self.sampling.sigmas.shape[0])
@@ -129,6 +152,15 @@ class TrainingRun:
             raise TrainingError("the VAE encoded the images to non-finite latents; check the VAE")
         return lat.view(2 if self.s.random_flip else 1, images.shape[0], *lat.shape[1:]).to(self.device)
 
+    def _latent_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """[2, N, 1, h, w]: each concept image's mask (and its mirror image's) at the latents' size."""
+        n = self.images.shape[0]
+        m = masks.float().expand(n, *masks.shape[1:]) if masks.shape[0] == 1 else masks.float()
+        m = torch.nn.functional.interpolate(m.unsqueeze(1), size=self.latents.shape[-2:], mode="bilinear",
+                                            align_corners=False).clamp(0, 1)
+        both = torch.stack([m, m.flip(-1)]) if self.s.random_flip else m.unsqueeze(0)
+        return both.to(self.device)
+
     def _reg_conds(self) -> list[torch.Tensor]:
         """Each regularisation caption encoded once, exactly as CLIPTextEncode does (no trainable part)."""
         with torch.no_grad():
@@ -137,8 +169,11 @@ class TrainingRun:
 
     def _init_trainables(self) -> Trainables:
         s, text, plan = self.s, self.text, self.plan
-        base = base_kv_weights(self.model)
+        infusion = s.mode == "infusion"
+        base = {} if infusion else base_kv_weights(self.model)
         deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=self.device) for k, w in sorted(base.items())}
+        residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
+                     for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
         rare = text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).detach().float().clone()
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
@@ -149,7 +184,8 @@ class TrainingRun:
                 ctx = ico.init_contexts(self.images.shape[0], text.width, rows, spec.length, g)
                 if ctx.shape[1]:
                     contexts[part] = ctx.to(self.device)
-        return Trainables(deltas, rare.to(self.device).clone(), rare.cpu().clone(), contexts)
+        return Trainables(deltas, rare.to(self.device).clone(), rare.cpu().clone(), contexts, residuals,
+                          train_tokens=not infusion)
 
     def _load_resume(self) -> TrainState:
         concept = load_concept(self.plan.path)
@@ -171,13 +207,16 @@ class TrainingRun:
             t.deltas[k] = concept.kv_deltas[k].float().to(self.device)
         t.tokens = concept.tokens[key].float().to(self.device)
         t.token_init = concept.token_init.get(key, t.token_init)
+        for k in t.residuals:
+            t.residuals[k] = concept.residuals[k].float().to(self.device)
         for part in t.contexts:
             t.contexts[part] = concept.contexts[f"{key}.{part}"].float().to(self.device)
         return state
 
     def _optimizer(self, state: TrainState | None) -> torch.optim.AdamW:
         t = self.trained
-        groups = [{"params": [v for n, v in t.named() if not n.startswith("context.")], "lr": self.lrs[0]}]
+        lr = self.lrs[0] * (RESIDUAL_LR_SCALE if self.s.mode == "infusion" else 1.0)
+        groups = [{"params": [v for n, v in t.named() if not n.startswith("context.")], "lr": lr}]
         if t.contexts:
             groups.append({"params": [t.contexts[k] for k in sorted(t.contexts)], "lr": self.lrs[1]})
         optimizer = torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
@@ -201,12 +240,21 @@ class TrainingRun:
             out.append(ico.caption_entries(self.text.special, prefix, t.tokens, p.class_entries, suffix))
         return out
 
-    def _predict(self, x_t, sigma, context) -> torch.Tensor:
+    def _trigger_rows(self, concept_rows: int, total_rows: int, length: int) -> torch.Tensor | None:
+        """infusion: [rows, tokens] true at the modifier tokens of the concept captions (the first rows)."""
+        if self.s.mode != "infusion":
+            return None
+        cols = ico.modifier_positions(len(self.plan.prefix_entries), self.s.num_tokens)
+        return infusion_rows(total_rows, length, [cols] * concept_rows, self.device)
+
+    def _predict(self, x_t, sigma, context, rows=None) -> torch.Tensor:
         """The raw UNet output for these rows, through ``BaseModel.apply_model`` with the clone's options."""
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         wrappers = pe.copy_nested_dicts(topts.get("wrappers", {}))
         wrappers.setdefault(pe.WrappersMP.DIFFUSION_MODEL, {}).setdefault(WRAPPER_KEY, []).append(self.capture)
         topts.update(wrappers=wrappers, cond_or_uncond=[0], sigmas=sigma)
+        if rows is not None:
+            topts[ROWS_KEY] = rows
         self.patcher.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=topts)
         return self.capture.take().float()
 
@@ -227,11 +275,16 @@ class TrainingRun:
             conds = [cond] + [self.reg_conds[j % len(self.reg_conds)] for j in draw.reg]
             k = len(draw.concept)
             if all(c.shape[-2] == cond.shape[-2] for c in conds[1:]):
-                pred = self._predict(x_t, sigma, torch.cat([cond, *conds[1:]]))
+                rows = self._trigger_rows(k, len(conds) - 1 + k, cond.shape[-2])
+                pred = self._predict(x_t, sigma, torch.cat([cond, *conds[1:]]), rows)
             else:
-                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond)]
+                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond, self._trigger_rows(k, k, cond.shape[-2]))]
                                  + [self._predict(x_t[k + j:k + j + 1], sigma[k + j:k + j + 1], c)
                                     for j, c in enumerate(conds[1:])])
+        if self.masks is not None:  # foreground-masked loss on the concept rows, as the official Infusion code
+            w = torch.stack([self.masks[int(f), i] for i, f in zip(draw.concept, draw.concept_flip, strict=True)])
+            w = torch.cat([w, torch.ones(pred.shape[0] - k, *w.shape[1:], device=w.device)]).to(pred)
+            pred, goal = pred * w, goal * w
         per_sample = ((pred - goal) ** 2).mean(dim=(1, 2, 3))
         loss = per_sample[:k].mean()
         if draw.reg:
@@ -244,7 +297,10 @@ class TrainingRun:
         training = {k: v for k, v in asdict(s).items() if k != "reg_captions"}
         training.update(reg_images=0 if self.reg_images is None else int(self.reg_images.shape[0]),
                         reg_captions=s.reg_captions[:20], images=int(self.images.shape[0]),
+                        masked_loss=self.masks is not None,
                         lr_kv_tokens=self.lrs[0], lr_contexts=self.lrs[1], weight_decay=WEIGHT_DECAY,
+                        trainable_values=sum(t.numel() for t in self._tensors()),
+                        lr_residuals=self.lrs[0] * RESIDUAL_LR_SCALE if s.mode == "infusion" else None,
                         last_loss=self.losses[-1] if self.losses else None)
         return Concept(
             family=self.plan.family, trigger=s.trigger, class_noun=s.class_noun.strip(),
@@ -252,6 +308,7 @@ class TrainingRun:
             tokens={key: t.tokens.detach().float().cpu().clone()},
             token_init={key: t.token_init.float().cpu().clone()},
             contexts={f"{key}.{part}": v.detach().float().cpu().clone() for part, v in t.contexts.items()},
+            residuals={k: v.detach().float().cpu().clone() for k, v in t.residuals.items()},
             base_fingerprint=base_fingerprint(self.model), method=s.mode, steps=self.done, training=training,
         )
 
@@ -327,8 +384,8 @@ class TrainingRun:
 
 def train_concept(model, clip, vae, images, settings: TrainSettings, folder: str | os.PathLike, name: str,
                   overwrite: bool = False, resume: bool = False, reg_images=None,
-                  on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+                  on_step: Callable[[int, int, float], None] | None = None, masks=None) -> TrainResult:
     """Train (or resume) a concept and save it; returns the saved concept. See the module docstring."""
-    plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images)
+    plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images, masks)
     with torch.inference_mode(False), torch.enable_grad():
-        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step).run()
+        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks).run()

@@ -52,6 +52,18 @@ def _check_images(images, reg_images, settings: TrainSettings) -> None:
         log.warning("regularisation captions are given but no regularisation images; the captions are ignored")
 
 
+def _check_masks(masks, images) -> None:
+    if masks is None:
+        return
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] not in (1, images.shape[0]):
+        raise TrainingError(f"the mask input needs one MASK for all concept images or one per image "
+                            f"({images.shape[0]}); got shape {tuple(getattr(masks, 'shape', ()))}")
+    if not torch.isfinite(masks).all() or float(masks.min()) < 0 or float(masks.max()) > 1:
+        raise TrainingError("the masks must hold values from 0 to 1 (1 = the concept)")
+    if not bool((masks.flatten(1).amax(dim=1) > 0).all()):
+        raise TrainingError("a mask is empty (all 0): it would hide its whole image from training")
+
+
 def _target(folder: Path, name: str, overwrite: bool, resume: bool) -> Path:
     try:
         path = Path(folder) / sanitize_name(name)
@@ -69,7 +81,7 @@ def _target(folder: Path, name: str, overwrite: bool, resume: bool) -> Path:
 
 
 def plan_training(model, clip, images, settings: TrainSettings, folder: Path, name: str, overwrite: bool,
-                  resume: bool, reg_images=None) -> Plan:
+                  resume: bool, reg_images=None, masks=None) -> Plan:
     """Validate everything that can be validated without computing; raises TrainingError."""
     settings.check()
     try:
@@ -81,6 +93,7 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
                             "SD1.x or SD2.x checkpoint")
     prediction = prediction_kind(model)
     _check_images(images, reg_images, settings)
+    _check_masks(masks, images)
 
     text = TextEncoder(clip)
     warnings = []

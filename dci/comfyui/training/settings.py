@@ -17,6 +17,9 @@ from ...method import ico
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision → autocast dtype
 TRAINABLE_FAMILIES = ("sd1", "sd2")
 WEIGHT_DECAY = 1e-2  # AdamW's default, applied to the trained tensors only (the deltas: a pull towards the base)
+# infusion: the residual vectors learn at learning_rate × batch × this, so the default 1e-5 gives 0.01, the rate
+# of the official Infusion code's vectors (this project's reconstruction of a comparable setting)
+RESIDUAL_LR_SCALE = 1000.0
 
 # Inclusive ranges; WHOLE_NUMBERS are integers, the rest are rates.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -57,12 +60,15 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
     reg_captions: list[str] = field(default_factory=list)
+    unlock_keys: bool = False  # infusion: also a residual vector on the key projection (the official fast path)
 
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the run it continues (steps may grow)."""
         d = asdict(self)
         for k in ("steps", "gradient_checkpointing", "checkpoint_every"):
             d.pop(k)
+        if self.mode != "infusion":
+            d.pop("unlock_keys")  # only infusion reads it (and states saved before it existed lack it)
         return d
 
     def check(self) -> None:
@@ -77,6 +83,8 @@ class TrainSettings:
             raise TrainingError(f"resolution must be a multiple of {RESOLUTION_STEP}, got {self.resolution}")
         if self.mode not in ico.MODES:
             raise TrainingError(f"mode must be one of {', '.join(ico.MODES)}, got {self.mode!r}")
+        if not isinstance(self.unlock_keys, bool):
+            raise TrainingError(f"unlock_keys must be true or false, got {self.unlock_keys!r}")
         if self.precision not in AUTOCAST:
             raise TrainingError(f"precision must be one of {', '.join(AUTOCAST)}, got {self.precision!r}")
         if not self.class_noun.strip():

@@ -6,6 +6,9 @@
 * **Start token detached.** The clone also gets an attn2 replace patch per layer that detaches the
   start-of-text rows of the projected keys and values before the usual attention (chaining to a replace patch
   the input MODEL may already carry), so those rows give the K/V deltas no gradient.
+* **Infusion** (``infusion_patcher``): no weight changes; an attn2 replace patch per layer adds the layer's
+  trainable residual vector to the projected values (and keys, when unlocked) at the trigger's token rows,
+  which each model call names in ``transformer_options[ROWS_KEY]``.
 * **Loss in the model's own terms.** The raw UNet output (ε or v) is taken with a DIFFUSION_MODEL wrapper
   around ``BaseModel.apply_model``, so patches, wrappers and dtype handling are ComfyUI's.
 """
@@ -20,11 +23,12 @@ from comfy.ldm.modules import attention
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from ...method import ico
+from ...method import ico, infusion
 from ..model import cross_attention_layers
 from .settings import TrainingError
 
 WRAPPER_KEY = "dci_train_concept"
+ROWS_KEY = "dci_train_infusion_rows"  # [B, T] bool: the trigger's token rows of the current call's context
 
 
 class AddDelta:
@@ -79,6 +83,51 @@ def training_patcher(model, deltas: dict[str, torch.Tensor], chunk: int):
             patcher.add_weight_wrapper(key, AddDelta(deltas[key]))
         previous = replaced.get(layer.patch_key) or replaced.get(layer.patch_key[:2])
         patcher.set_model_attn2_replace(StartRowsDetached(chunk, previous), *layer.patch_key)
+    return patcher
+
+
+class TrainingResidual:
+    """attn2 replace patch of Infusion training: the residual vectors at the call's trigger rows."""
+
+    def __init__(self, value: torch.Tensor, key: torch.Tensor | None, previous=None):
+        self.value, self.key, self.previous = value, key, previous
+
+    def __call__(self, q, k, v, extra_options):
+        mask = extra_options.get(ROWS_KEY)
+        if mask is not None:
+            mask = mask.to(v.device)
+            if mask.shape[1] != v.shape[1]:
+                mask = mask.repeat(1, v.shape[1] // mask.shape[1])
+            v = infusion.add_at(v, mask, self.value)
+            if self.key is not None:
+                k = infusion.add_at(k, mask, self.key)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                             attn_precision=extra_options.get("attn_precision"),
+                                             transformer_options=extra_options)
+
+
+def residual_keys(model, unlock_keys: bool) -> dict[str, int]:
+    """The residual vectors Infusion trains for ``model``: concept-file key → width."""
+    out = {}
+    for layer in cross_attention_layers(model):
+        base = layer.weight_prefix.rstrip(".")
+        out[f"{base}.to_v"] = layer.inner_dim
+        if unlock_keys:
+            out[f"{base}.to_k"] = layer.inner_dim
+    return out
+
+
+def infusion_patcher(model, residuals: dict[str, torch.Tensor]):
+    """A clone of ``model`` whose attn2 layers add ``residuals`` at the rows each call names."""
+    patcher = model.clone()
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for layer in cross_attention_layers(model):
+        base = layer.weight_prefix.rstrip(".")
+        previous = replaced.get(layer.patch_key) or replaced.get(layer.patch_key[:2])
+        patcher.set_model_attn2_replace(TrainingResidual(residuals[f"{base}.to_v"], residuals.get(f"{base}.to_k"),
+                                                         previous), *layer.patch_key)
     return patcher
 
 
