@@ -13,11 +13,9 @@ Sources that are read (content decides, not the file name):
   CompVis variant is ``{"state_dict": {"model.diffusion_model.<…>.attn2.to_k.weight": weight or {u, v},
   "embed": [k, width]}}``, whose tokens are ``<new1>…<newk>`` in row order.
 
-* **infusion** (``zwl666666/infusion``): the vectors its training saves under ``target_output``
-  (``{"<ldm block>.attn2.to_v.target_output": [inner], …}``, ``to_k`` too when its default attention path
-  trained them), either as that dictionary or inside a checkpoint dictionary under ``"target_output"``. The
-  official checkpoint itself also pickles its text-embedding manager's ``nn.ParameterDict``, which
-  ``weights_only`` loading refuses: such a file is reported with how to extract the vectors where it is trusted.
+* **infusion** (``zwl666666/infusion``): its ``target_output`` vectors (``{"<ldm block>.attn2.to_v.target_output":
+  [inner], …}``, ``to_k`` too), alone or under a checkpoint's ``"target_output"``; a full official checkpoint
+  pickles an ``nn.ParameterDict`` that ``weights_only`` refuses, and is reported with how to extract the vectors.
 
 ``.bin``/``.pt``/``.ckpt`` files are opened with ``torch.load(weights_only=True)`` only: a file that needs any
 other object to unpickle is refused, its code never runs. A ``.bin`` that is really a safetensors file (what
@@ -114,8 +112,7 @@ def read_tensor_file(path: Path) -> tuple[object, dict[str, str]]:
 
     if path.suffix.lower() not in TENSOR_SUFFIXES:
         raise ForeignFormatError(f"{path.name}: not a tensor file (expected {', '.join(TENSOR_SUFFIXES)})")
-    size = path.stat().st_size
-    if size == 0:
+    if (size := path.stat().st_size) == 0:
         raise ForeignFormatError(f"{path.name} is empty (0 bytes)")
     if size > MAX_SOURCE_BYTES:
         raise ForeignFormatError(f"{path.name} is {size / 1024**3:.1f} GB: far too big for Custom Diffusion weights "
@@ -329,9 +326,10 @@ def parse_infusion(obj: dict, name: str) -> ForeignConcept:
         out.residuals[m.group(1)] = t.float()
     if not any(k.endswith(".to_v") for k in out.residuals):
         raise ForeignFormatError(f"{name} holds no Infusion value vectors (…attn2.to_v.target_output)")
-    out.notes.append(f"{name}: {sum(k.endswith('.to_v') for k in out.residuals)} value vectors"
-                     f"{', ' + str(sum(k.endswith('.to_k') for k in out.residuals)) + ' key vectors' if any(k.endswith('.to_k') for k in out.residuals) else ''}; "
-                     "the trigger stands for the class noun's own token (the official training never changes it)")
+    n_v = sum(k.endswith(".to_v") for k in out.residuals)
+    n_k = f", {len(out.residuals) - n_v} key vectors" if len(out.residuals) > n_v else ""
+    out.notes.append(f"{name}: {n_v} value vectors{n_k}; the trigger stands for the class noun's own token "
+                     "(the official training never changes it)")
     return out
 
 
@@ -416,16 +414,11 @@ def read_source(path: Path, fmt: str = "auto") -> ForeignConcept:
                                  f"nor Infusion vectors (found {_describe(obj)})")
     if fmt != "auto" and fmt != kind:
         raise ForeignFormatError(f"{weights_path.name} is in {kind} format, not {fmt}: choose format '{kind}' or 'auto'")
-    if kind == "infusion":
-        out = parse_infusion(obj, weights_path.name)
-        out.files.append(weights_path)
-    elif kind == "diffusers":
-        out = parse_diffusers_weights(obj, weights_path.name)
-        out.files.append(weights_path)
+    parse = {"infusion": parse_infusion, "diffusers": parse_diffusers_weights, "adobe": parse_adobe}[kind]
+    out = parse(obj, weights_path.name)
+    out.files.append(weights_path)
+    if kind == "diffusers":
         _add_token_files(out, weights_path, metadata)
-    else:
-        out = parse_adobe(obj, weights_path.name)
-        out.files.append(weights_path)
     out.metadata = metadata
     return out
 
