@@ -17,6 +17,15 @@ learning rate, seed) and the same sampler settings (steps, CFG, sampler, the wor
 the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
 spread evenly.
 
+Layout-and-Retouch rows (opt-in, ``--retouch``): the Custom Diffusion concept (``lr_…``) and the ICO concept
+(``ico+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
+KSampler (``lr_dci_a<split>_l<λ>``: the context from DCI, inverted), then DCI Retouch Model with the inverted
+first training render as the reference, at the nodes' default retouch settings.
+
+Layout diversity (every method): the concept (or class, or description) asked with nothing about position,
+size or background ("a sks circle"), ``--open-batches`` batches of ``--seeds`` images; for each of position,
+size and background the share of image pairs that differ, averaged: 0 = every image laid out alike.
+
 Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
 (background, position and size as the prompt asks), prompt_acc (those plus the concept's colours). The two
 ends of the fidelity scale are measured in the same run: the floor is the class prompt's fidelity (the
@@ -27,11 +36,11 @@ scale, (fidelity − floor) / (ceiling − floor).
 Prints a table (mean ± standard error over images, and the per-concept fidelity), then, last, the scale's
 ends and one line per method:
 fidelity_floor=<0..1> fidelity_ceiling=<0..1>
-method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..>
+method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..> diversity=<0..1>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 300] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--threads 1]
-       [--grid out.png] [--plot out.png]
+       [--train-steps 300] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--retouch 0.2,0.3,0.5,dci:0.3:1]
+       [--open-batches 2] [--threads 1] [--grid out.png] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -79,6 +88,11 @@ def parse_args(argv=None):
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
                         "from the auxiliary noun instead of the context words; empty: no DCI)")
+    p.add_argument("--retouch", default="",
+                   help="Layout-and-Retouch rows (opt-in), comma list: a λ1 (the share of steps on the base model, "
+                        "e.g. 0.3) or 'dci:split:λ' (the context from DCI KSampler); empty: none")
+    p.add_argument("--open-batches", type=int, default=2,
+                   help="batches of --seeds images per method and concept for the layout-diversity column")
     p.add_argument("--methods", default="base,base_desc,cd,ico", help="comma list of base, base_desc, cd, ico")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
@@ -115,6 +129,62 @@ def dci_sweep(text: str) -> list[tuple[float, float, str, bool, str]]:
     return out
 
 
+def dci_label(row: tuple[float, float, str, bool, str]) -> str:
+    split, lam, norm, on_base, reading = row
+    tag = (("" if norm == "reference" else "_px") + ("_base" if on_base else "")
+           + ("_noun" if reading == "noun" else ""))
+    return f"dci_a{split:g}_l{lam:g}{tag}"
+
+
+def open_prompt(noun: str) -> str:
+    """A prompt that leaves position, size and background open: "a sks circle"."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def lr_sweep(text: str) -> list[tuple[str, float, float]]:
+    """``"0.2,0.3,dci:0.3:1"`` → [("layout", 0.2, 0), ("layout", 0.3, 0), ("dci", 0.3, 1.0)]."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        usage = f"--retouch: {item!r} is not a λ1 between 0 and 1 (e.g. 0.3) or 'dci:split:λ' (e.g. dci:0.3:1)"
+        try:
+            if item.startswith("dci:"):
+                _, split, lam = item.split(":")
+                out.append(("dci", float(split), float(lam)))
+            else:
+                out.append(("layout", float(item), 0.0))
+        except ValueError:
+            sys.exit(usage)
+        if not 0.0 <= out[-1][1] <= 1.0:
+            sys.exit(usage)
+    return out
+
+
+def lr_label(row: tuple[str, float, float]) -> str:
+    kind, a, b = row
+    return f"lr_s{a:g}" if kind == "layout" else f"lr_dci_a{a:g}_l{b:g}"
+
+
+def pair_diversity(values: list) -> float:
+    """Share of pairs of items that differ (0 when every item is the same)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    same = sum(values[i] == values[j] for i in range(n) for j in range(i + 1, n))
+    return 1.0 - same / (n * (n - 1) / 2)
+
+
+def layout_diversity(images: np.ndarray, class_noun: str) -> float:
+    """Mean over position, size and background of ``pair_diversity`` of what the images show."""
+    from .toyworld.metrics import MIN_AREA, read_scene, read_size
+
+    readings = [read_scene(img) for img in images]
+    sizes = [read_size(r.area, class_noun) if r.area >= MIN_AREA else None for r in readings]
+    return float(np.mean([pair_diversity([r.position for r in readings]), pair_diversity(sizes),
+                          pair_diversity([r.background for r in readings])]))
+
+
 def aux_noun(class_noun: str) -> str:
     """Another shape word of the toy world: the auxiliary branch's noun must be a word the model knows."""
     from dci.toyworld.render import SHAPES
@@ -147,6 +217,8 @@ class Bench:
         self._meters: dict = {}
         self.timings: dict[str, float] = {}
         self.grid: dict[str, list[np.ndarray]] = {}
+        self.diversity: dict[str, list[float]] = {}
+        self.notes: list[str] = []
 
     def model_name(self) -> str:
         if self.args.model is None:
@@ -172,6 +244,71 @@ class Bench:
                               guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
         (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def decode(self, latent) -> np.ndarray:
+        (images,) = self.run("VAEDecode", vae=self.vae, samples=latent)[0]
+        return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def reference(self, model, clip, name: str, concept) -> object:
+        """The first training render, inverted with the personalised model (DCI Invert Reference)."""
+        import torch
+
+        from .toyworld.concepts import concept_prompt, training_images, training_scenes
+
+        image = torch.from_numpy(training_images(concept, 1, seed=0).astype(np.float32) / 255.0)
+        (pos,) = self.run("CLIPTextEncode", clip=clip,
+                          text=concept_prompt(training_scenes(concept, 1, 0)[0], TRIGGER, concept))[0]
+        t0 = time.perf_counter()
+        traj, _, report = self.run("DCIInvertReference", model=model, vae=self.vae, image=image, positive=pos,
+                                   steps=self.args.steps, scheduler="normal", refine=2)[0]
+        self._tick("invert reference", t0)
+        self.notes.append(f"{name}: reference {report}")
+        return traj
+
+    def sample_lr(self, model, clip, ref, ref_traj, prompt: str, seed: int, row) -> np.ndarray:
+        """Layout-and-Retouch: a context (step-blended, or DCI then inverted), then the retouch pass."""
+        from dci.toyworld.render import IMAGE_SIZE
+
+        a = self.args
+        kind, x, lam = row
+        (latent,) = self.run("EmptyLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=a.seeds)[0]
+        pos, layout = self.run("DCILayoutPromptEncode", clip=clip, concept=ref, text=prompt)[0]
+        common = dict(seed=seed, steps=a.steps, cfg=a.cfg, sampler_name=a.sampler, scheduler="normal",
+                      negative=self.negative)
+        if kind == "layout":
+            _, context = self.run("DCILayoutKSampler", model=model, vanilla_model=self.model, positive=pos,
+                                  layout_positive=layout, latent_image=latent, denoise=1.0, switch=x, **common)[0]
+        else:
+            (ctx,) = self.run("DCIKSampler", model=model, positive=pos, latent_image=latent, denoise=1.0, split=x,
+                              lam=lam, aux_map="reference", guidance="separate", aux_seed=seed + 7919,
+                              **common)[0]
+            context, _, _ = self.run("DCIInvertReference", model=model, vae=self.vae, image=self.decoded(ctx),
+                                     positive=pos, steps=a.steps, scheduler="normal", refine=2)[0]
+        patched, start = self.run("DCIRetouchModel", model=model, reference=ref_traj, context=context,
+                                  positive=pos, **self.retouch_defaults())[0]
+        if kind == "layout":
+            (out,) = self.run("KSampler", model=patched, positive=pos, latent_image=latent, denoise=1.0, **common)[0]
+        else:
+            (out,) = self.run("KSamplerAdvanced", model=patched, add_noise="disable", noise_seed=seed,
+                              positive=pos, latent_image=start, start_at_step=0, end_at_step=10000,
+                              return_with_leftover_noise="disable",
+                              **{k: v for k, v in common.items() if k != "seed"})[0]
+        return self.decode(out)
+
+    @staticmethod
+    def retouch_defaults() -> dict:
+        """DCI Retouch Model's defaults (this project's choices): the L&R rows use them as a user would."""
+        required = harness.node_class("DCIRetouchModel").INPUT_TYPES()["required"]
+        return {k: required[k][1]["default"] for k in ("mask_threshold", "start", "end", "decoder_levels")}
+
+    def decoded(self, latent):
+        (images,) = self.run("VAEDecode", vae=self.vae, samples=latent)[0]
+        return images.clamp(0, 1)
+
+    def open_diversity(self, method: str, concept, sample) -> None:
+        """Layout diversity of ``sample(seed)`` (a batch for the open prompt) over ``--open-batches`` seeds."""
+        images = np.concatenate([sample(5000 + 97 * k) for k in range(self.args.open_batches)])
+        self.diversity.setdefault(method, []).append(layout_diversity(images, concept.class_noun))
 
     def meter(self, name: str, concept):
         from .toyworld import fidelity as fid
@@ -231,6 +368,7 @@ class Bench:
             sys.exit(f"unknown concepts {unknown}; choose from {', '.join(CONCEPTS)}")
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         sweep = dci_sweep(a.dci)
+        lr_rows = lr_sweep(a.retouch)
         for name in names:
             concept = CONCEPTS[name]
             scenes = pick_scenes(concept, a.prompts)
@@ -244,29 +382,55 @@ class Bench:
                     (pos,) = self.run("CLIPTextEncode", clip=self.clip, text=words(scene))[0]
                     self.score(label, name, concept, concept_prompt(scene, TRIGGER, concept),
                                self.sample(self.model, pos, 1000 + i, None))
+                open_text = open_prompt(concept.class_noun if label == "base" else concept.description())
+                (open_pos,) = self.run("CLIPTextEncode", clip=self.clip, text=open_text)[0]
+                self.open_diversity(label, concept, lambda seed, p=open_pos: self.sample(self.model, p, seed, None))
                 self._tick("sample plain", t0)
             for mode, label in (("custom_diffusion", "cd"), ("ico", "ico")):
                 if label not in methods:
                     continue
                 model, clip, ref = self.train(mode, name, concept)
+                open_text = open_prompt(f"{TRIGGER} {concept.class_noun}")
+                t0 = time.perf_counter()
+                (open_pos,) = self.run("CLIPTextEncode", clip=clip, text=open_text)[0]
+                self.open_diversity(label, concept, lambda seed, p=open_pos, m=model: self.sample(m, p, seed, None))
+                self._tick("sample plain", t0)
+                if sweep:
+                    t0 = time.perf_counter()
+                    (open_dpos,) = self.run("DCIPromptEncode", clip=clip, text=open_text,
+                                            auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
+                    for row in sweep:
+                        self.open_diversity(f"{label}+{dci_label(row)}", concept,
+                                            lambda seed, p=open_dpos, m=model, r=row: self.sample(m, p, seed, r))
+                    self._tick("sample dci", t0)
+                ref_traj = self.reference(model, clip, name, concept) if lr_rows else None
+                lr_prefix = "" if label == "cd" else f"{label}+"
+                for row in lr_rows:
+                    t0 = time.perf_counter()
+                    self.open_diversity(
+                        lr_prefix + lr_label(row), concept,
+                        lambda seed, m=model, c=clip, r=ref, t=ref_traj, row=row, p=open_text: self.sample_lr(
+                            m, c, r, t, p, seed, row))
+                    self._tick("sample lr", t0)
                 for i, scene in enumerate(scenes):
                     prompt = concept_prompt(scene, TRIGGER, concept)
                     t0 = time.perf_counter()
                     (pos,) = self.run("CLIPTextEncode", clip=clip, text=prompt)[0]
                     self.score(label, name, concept, prompt, self.sample(model, pos, 1000 + i, None))
                     self._tick("sample plain", t0)
-                    if not sweep:
-                        continue
-                    t0 = time.perf_counter()
-                    (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
-                                       auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
-                    for row in sweep:
-                        split, lam, norm, on_base, reading = row
-                        tag = (("" if norm == "reference" else "_px") + ("_base" if on_base else "")
-                               + ("_noun" if reading == "noun" else ""))
-                        self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
-                                   self.sample(model, dpos, 1000 + i, row))
-                    self._tick("sample dci", t0)
+                    if sweep:
+                        t0 = time.perf_counter()
+                        (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
+                                           auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
+                        for row in sweep:
+                            self.score(f"{label}+{dci_label(row)}", name, concept, prompt,
+                                       self.sample(model, dpos, 1000 + i, row))
+                        self._tick("sample dci", t0)
+                    for row in lr_rows:
+                        t0 = time.perf_counter()
+                        self.score(lr_prefix + lr_label(row), name, concept, prompt,
+                                   self.sample_lr(model, clip, ref, ref_traj, prompt, 1000 + i, row))
+                        self._tick("sample lr", t0)
             print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
                   flush=True)
 
@@ -299,6 +463,11 @@ class Bench:
             summary[m]["fid_norm"] = (summary[m]["fidelity"] - floor) / span if span > 0 else float("nan")
         print(f"fidelity scale: floor {floor:.3f} (class prompt), ceiling {ceiling:.3f} (VAE round trips of clean "
               f"instance renders, n {len(self.ceilings)}); fid_norm = (fidelity - floor) / (ceiling - floor)")
+        print("layout diversity (the open prompt, share of image pairs that differ in position, size, background; "
+              "mean over concepts): " + ", ".join(
+                  f"{m} {np.mean(self.diversity[m]):.3f}" for m in methods if self.diversity.get(m)))
+        for note in self.notes:
+            print(f"# {note}")
         if self.args.grid:
             self.write_grid(self.args.grid)
         if self.args.plot:
@@ -311,8 +480,9 @@ class Bench:
         print(f"fidelity_floor={floor:.3f} fidelity_ceiling={ceiling:.3f}")
         for m in methods:
             s = summary[m]
+            div = float(np.mean(self.diversity[m])) if self.diversity.get(m) else float("nan")
             print(f"method={m.replace(' ', '')} fidelity={s['fidelity']:.3f} editability={s['editability']:.3f} "
-                  f"prompt_acc={s['prompt_acc']:.3f} fid_norm={s['fid_norm']:.3f}")
+                  f"prompt_acc={s['prompt_acc']:.3f} fid_norm={s['fid_norm']:.3f} diversity={div:.3f}")
 
     def write_grid(self, path: Path) -> None:
         rows = [(m, np.concatenate(v, axis=1)) for m, v in self.grid.items()]
