@@ -284,15 +284,9 @@ class Bench:
                               **common)[0]
             context, _, _ = self.run("DCIInvertReference", model=model, vae=self.vae, image=self.decoded(ctx),
                                      positive=pos, steps=a.steps, scheduler="normal", refine=2)[0]
-        patched, start = self.run("DCIRetouchModel", model=model, reference=ref_traj, context=context,
-                                  positive=pos, **self.retouch_defaults())[0]
-        if kind == "layout":
-            (out,) = self.run("KSampler", model=patched, positive=pos, latent_image=latent, denoise=1.0, **common)[0]
-        else:
-            (out,) = self.run("KSamplerAdvanced", model=patched, add_noise="disable", noise_seed=seed,
-                              positive=pos, latent_image=start, start_at_step=0, end_at_step=10000,
-                              return_with_leftover_noise="disable",
-                              **{k: v for k, v in common.items() if k != "seed"})[0]
+        (patched,) = self.run("DCIRetouchModel", model=model, reference=ref_traj, context=context,
+                              positive=pos, **self.retouch_defaults())[0]
+        (out,) = self.run("KSampler", model=patched, positive=pos, latent_image=latent, denoise=1.0, **common)[0]
         return self.decode(out)
 
     @staticmethod

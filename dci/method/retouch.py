@@ -82,13 +82,14 @@ class RetouchSettings:
     """How the retouch pass swaps self-attention (defaults: this project's choices, see docs/retouch.md).
 
     ``threshold``: a pixel belongs to the subject when its cross-attention to the subject tokens is at least
-    this share of the image's maximum. ``start``/``end``: the swap runs while the noise level lies between
-    those shares of the schedule (ComfyUI's start/end percents). ``decoder_levels``: self-attention is swapped
+    this share of the image's maximum. ``start``/``end``: the retouch pass begins at ``start`` (a share of the
+    schedule, ComfyUI's start/end percents) from the context's latent there, so the steps before it are the
+    context's own (its layout), and swaps self-attention until ``end``. ``decoder_levels``: self-attention is swapped
     in that many of the decoder's finest resolution levels (counted from the model).
     """
 
     threshold: float = 0.4
-    start: float = 0.0
+    start: float = 0.3
     end: float = 0.8
     decoder_levels: int = 2
 

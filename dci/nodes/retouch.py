@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import torch
@@ -222,18 +221,16 @@ class DCIRetouchModel:
     DISPLAY_NAME = "DCI Retouch Model"
     CATEGORY = "concept/retouch"
     DESCRIPTION = (
-        "Layout-and-Retouch, stage 2: a copy of the personalised MODEL whose self-attention, in the decoder's "
-        "finest levels and within the step window, takes keys and values from the reference's trajectory inside "
-        "the subject mask and from the context's trajectory outside it. The mask comes from the subject tokens' "
-        "cross-attention at the previous step (or from 'mask'). Sample it with the stock KSampler with the "
-        "context's seed, steps, sampler and scheduler, or with KSampler (Advanced), add_noise disabled, from "
-        "'start'. The input MODEL is unchanged."
+        "Layout-and-Retouch, stage 2: a copy of the personalised MODEL for the retouch pass. Sample it with the "
+        "stock KSampler (the context's steps, sampler and scheduler): the pass begins at 'start' from the "
+        "context's latent there (the steps before are the context's own, so its layout stays), and until 'end' "
+        "self-attention in the decoder's finest levels takes keys and values from the reference's trajectory "
+        "inside the subject mask and from the context's trajectory outside it. The mask comes from the concept "
+        "tokens' cross-attention at the previous step (or from 'mask'). The input MODEL is unchanged."
     )
-    RETURN_TYPES = ("MODEL", "LATENT")
-    RETURN_NAMES = ("model", "start")
-    OUTPUT_TOOLTIPS = ("The retouching copy of the model.",
-                       "The context trajectory's first (noisiest) latent, for KSampler (Advanced) with add_noise "
-                       "disabled.")
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The retouching copy of the model (sample it with the stock KSampler).",)
     FUNCTION = "patch"
 
     @classmethod
@@ -248,10 +245,12 @@ class DCIRetouchModel:
                                        "tokens reaches this share of the image's maximum (the previous step's map, "
                                        f"averaged over layers). Default {RETOUCH.threshold} is this project's "
                                        "choice.", default=RETOUCH.threshold, min=0.01, max=1.0, step=0.01),
-                "start": spec("FLOAT", "The swap starts at this share of the noise schedule (0 = the first step). "
-                              f"Default {RETOUCH.start} is this project's choice.", default=RETOUCH.start, min=0.0,
+                "start": spec("FLOAT", "The retouch pass begins at this share of the noise schedule, from the "
+                              "context's latent there (the steps before are the context's: its layout); 0 = from "
+                              f"the context's noise. Default {RETOUCH.start} is this project's choice.", default=RETOUCH.start, min=0.0,
                               max=1.0, step=0.01),
-                "end": spec("FLOAT", "The swap ends at this share of the noise schedule (1 = the last step). "
+                "end": spec("FLOAT", "The attention swap ends at this share of the noise schedule (1 = the last "
+                            "step); the steps after it run unswapped. "
                             f"Default {RETOUCH.end} is this project's choice.", default=RETOUCH.end, min=0.0,
                             max=1.0, step=0.01),
                 "decoder_levels": spec("INT", "How many of the decoder's finest resolution levels swap "
@@ -296,8 +295,7 @@ class DCIRetouchModel:
             mask = mask if mask.dim() == 3 else mask[None]
         with reported(node, *ERRORS):
             patched = retouch_model(model, reference, context, settings, subject_tokens=tokens, mask=mask)
-        start_latent = model.model.process_latent_out(context.latents[0].clone())
-        return (patched, {"samples": start_latent.to(comfy.model_management.intermediate_device())})
+        return (patched,)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCILayoutPromptEncode, DCILayoutKSampler,

@@ -41,7 +41,7 @@ def graph(ckpt: str, steps: int = 4) -> dict:
                                                               "positive": ["3", 0], "steps": steps,
                                                               "scheduler": "normal", "refine": 1}},
         "9": {"class_type": "DCIRetouchModel", "inputs": {"model": ["2", 0], "reference": ["8", 0],
-                                                           "context": ["6", 1], "mask_threshold": 0.4, "start": 0.0,
+                                                           "context": ["6", 1], "mask_threshold": 0.4, "start": 0.3,
                                                            "end": 0.8, "decoder_levels": 2, "positive": ["3", 0]}},
         "10": {"class_type": "KSampler", "inputs": {"model": ["9", 0], "positive": ["3", 0], **sampler}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},

@@ -130,9 +130,9 @@ def test_inversion_round_trip_on_the_toy_model(comfy):
 def retouch(comfy, m, reference, context, pos=None, mask=None, **kw):
     settings = {**dict(mask_threshold=0.4, start=0.0, end=1.0, decoder_levels=2), **kw}
     extra = {k: v for k, v in (("positive", pos), ("mask", mask)) if v is not None}
-    (patched, start), _ = comfy.run_node("DCIRetouchModel", model=m, reference=reference, context=context,
-                                         **settings, **extra)
-    return patched, start
+    (patched,), _ = comfy.run_node("DCIRetouchModel", model=m, reference=reference, context=context,
+                                   **settings, **extra)
+    return patched, None
 
 
 def test_retouch_with_the_run_itself_as_both_sources_reproduces_it(comfy, tiny_sd15):
@@ -145,7 +145,22 @@ def test_retouch_with_the_run_itself_as_both_sources_reproduces_it(comfy, tiny_s
     patched, start = retouch(comfy, m, traj, traj, pos=pos)
     out = stock(comfy, {**args, "model": patched})
     assert close(out, ctx["samples"])
-    assert torch.allclose(start["samples"], m.model.process_latent_out(traj.latents[0]))
+
+
+def test_the_retouch_pass_begins_at_start_from_the_context(comfy, tiny_sd15):
+    """start 0.5: the first half of the schedule is the context's own; with an empty mask and the context's
+    own trajectory as both sources the pass reproduces the context, whatever seed the sampler is given, and
+    a different context gives a different result."""
+    model, clip, _ = tiny_sd15
+    m, c, ref, pos, lay, neg, lat = concept_inputs(comfy, model, clip)
+    args = common(m, pos, neg, lat)
+    ctx, traj = layout(comfy, model, lay, 0.5, **args)
+    patched, _ = retouch(comfy, m, traj, traj, mask=torch.zeros(1, 64, 64), start=0.5)
+    assert close(stock(comfy, {**args, "model": patched, "seed": 12345}), ctx["samples"])
+    other, other_traj = layout(comfy, model, lay, 0.0, **args)
+    patched, _ = retouch(comfy, m, traj, other_traj, mask=torch.zeros(1, 64, 64), start=0.5)
+    moved = stock(comfy, {**args, "model": patched})
+    assert close(moved, other["samples"]) and not close(moved, ctx["samples"], tol=1e-2)
 
 
 def test_retouch_changes_the_image_and_leaves_the_input_model_unchanged(comfy, tiny_sd15, caplog):

@@ -50,6 +50,11 @@ class RetouchPlan:
     def swaps_at(self, sigma: float) -> bool:
         return self.window[1] < sigma <= self.window[0]
 
+    def first_step(self, sigmas: torch.Tensor) -> int:
+        """Index of the first sigma of a schedule inside the window's start (the retouch pass begins there)."""
+        inside = (sigmas[:-1] <= self.window[0] * (1 + 1e-6)).nonzero()
+        return int(inside[0]) if len(inside) else max(len(sigmas) - 1, 0)
+
 
 @dataclass
 class RetouchRun:

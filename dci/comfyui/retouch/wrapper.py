@@ -1,7 +1,9 @@
 """The retouch pass's wrappers (owner key ``dci_retouch``) and the one function that patches a MODEL for it.
 
 * ``OUTER_SAMPLE``: every sampling run gets a fresh ``RetouchRun`` (its own subject map and mask) in a copy
-  of the guider's options, as ComfyUI's EasyCache keeps its per-run state.
+  of the guider's options, as ComfyUI's EasyCache keeps its per-run state. The run begins at the window's
+  start, from the context trajectory's latent there: the steps before it are the context's own, which is how
+  the result keeps the context's layout, whatever noise or seed the sampler was given.
 * ``APPLY_MODEL``: at a noise level inside the step window it appends the reference and context branches to
   the UNet batch: for each of the N rows (every cond chunk, positive and negative alike) the reference
   trajectory's and the context trajectory's latent at this sigma, with that row's conditioning. The attention
@@ -25,18 +27,32 @@ WRAPPER_KEY = "dci_retouch"
 log = logging.getLogger(__name__)
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                         disable_pbar=False, seed=None, **kwargs):
+    """A fresh ``RetouchRun`` for this run; the run begins at the window's start from the context's latent there
+    (the steps before it are the context's own: its layout)."""
     guider = executor.class_obj
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options.setdefault("transformer_options", {})
-    plan = options.get(PLAN_KEY)
+    plan: RetouchPlan | None = options.get(PLAN_KEY)
+    run = None
     if plan is not None:
-        options[RUN_KEY] = RetouchRun(plan)
+        run = options[RUN_KEY] = RetouchRun(plan)
+        begin = plan.first_step(sigmas)
+        start = plan.context.at(float(sigmas[begin]))
+        if start is None or tuple(start.shape[1:]) != tuple(latent_image.shape[1:]):
+            run.warn_once("start", f"DCI Retouch: the context trajectory {plan.context.latent_shape} does not cover "
+                                   f"this run (latent {tuple(latent_image.shape[1:])}, sigma {float(sigmas[begin]):g}); "
+                                   "the run starts from its own noise")
+        else:
+            rows = torch.arange(latent_image.shape[0]) % start.shape[0]
+            latent_image = guider.model_patcher.model.process_latent_out(start[rows].clone()).to(latent_image)
+            noise = torch.zeros_like(noise)
+            sigmas = sigmas[begin:]
     try:
-        return executor(*args, **kwargs)
+        return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **kwargs)
     finally:
-        run = options.get(RUN_KEY)
         guider.model_options = original
         if run is not None:
             log.info("DCI Retouch: %s", run.summary())
