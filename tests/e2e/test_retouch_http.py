@@ -55,7 +55,9 @@ def test_layout_and_retouch_runs_on_a_server(concept_on_server, tiny_checkpoint)
     client = server.client()
     result = client.run(graph(tiny_checkpoint.name), timeout=300)
     assert result.status == "success", result.error
-    assert [v for v, _ in result.progress(node="10")] == [1, 2, 3, 4]
+    # the retouch pass begins at start 0.3 (the first of the 4 steps is the context's own): 3 steps, each reported
+    assert [v for v, _ in result.progress(node="10")] == [1, 2, 3]
+    assert [v for v, _ in result.progress(node="6")][-1] == 2  # stage 1's second segment: steps 2-4 of 4
     inversion = [v for v, _ in result.progress(node="8")]
     assert inversion and inversion[-1] == 4 * (1 + 2)  # (refine + 2) model calls per step
     from PIL import Image
