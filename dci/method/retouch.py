@@ -88,7 +88,7 @@ class RetouchSettings:
     in that many of the decoder's finest resolution levels (counted from the model).
     """
 
-    threshold: float = 0.4
+    threshold: float = 0.7
     start: float = 0.3
     end: float = 0.8
     decoder_levels: int = 2
