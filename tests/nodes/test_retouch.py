@@ -260,3 +260,22 @@ def test_bad_inputs_give_clear_errors(comfy, tiny_sd15, tiny_sdxl):
     with pytest.raises(ValueError, match="step window"):
         comfy.run_node("DCIRetouchModel", model=m, reference=traj, context=traj, positive=pos,
                        mask_threshold=0.4, start=0.5, end=0.4, decoder_levels=2)
+
+
+def test_sdxl_family_runs_both_stages(comfy, tiny_sdxl):
+    """SDXL's pooled/ADM inputs travel with the appended rows; switch 0 is the stock KSampler there too."""
+    model, clip, vae = tiny_sdxl
+    name = write_concept(random_concept(model, clip, family="sdxl", scale=0.2), "lr_sdxl")
+    (m, c, ref), _ = comfy.run_node("DCILoadConcept", model=model, clip=clip, concept_name=name,
+                                    strength_model=1.0, strength_clip=1.0)
+    (pos, lay), _ = comfy.run_node("DCILayoutPromptEncode", clip=c, concept=ref, text=PROMPT)
+    (neg,), _ = comfy.run_node("CLIPTextEncode", clip=c, text="blurry")
+    (lat,), _ = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    args = common(m, pos, neg, lat)
+    ctx, traj = layout(comfy, model, lay, 0.0, **args)
+    assert torch.equal(ctx["samples"], stock(comfy, args))
+    _, traj = layout(comfy, model, lay, 0.5, **args)
+    ref_traj, *_ = invert(comfy, m, vae, torch.rand(1, 64, 64, 3), pos)
+    patched, _ = retouch(comfy, m, ref_traj, traj, pos=pos, start=0.3)
+    out = stock(comfy, {**args, "model": patched})
+    assert out.shape == ctx["samples"].shape and torch.isfinite(out).all()
