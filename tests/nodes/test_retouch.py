@@ -279,3 +279,16 @@ def test_sdxl_family_runs_both_stages(comfy, tiny_sdxl):
     patched, _ = retouch(comfy, m, ref_traj, traj, pos=pos, start=0.3)
     out = stock(comfy, {**args, "model": patched})
     assert out.shape == ctx["samples"].shape and torch.isfinite(out).all()
+
+
+def test_inversion_can_be_cancelled(comfy, tiny_sd15):
+    import comfy.model_management as mm
+
+    model, clip, vae = tiny_sd15
+    m, c, ref, pos, lay, neg, lat = concept_inputs(comfy, model, clip)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            invert(comfy, m, vae, torch.rand(1, 64, 64, 3), pos)
+    finally:
+        mm.interrupt_current_processing(False)
