@@ -20,6 +20,15 @@ learning rate, seed) and the same sampler settings (steps, CFG, sampler, the wor
 the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
 spread evenly.
 
+Layout-and-Retouch rows (opt-in, ``--retouch``): the Custom Diffusion concept (``lr_…``) and the ICO concept
+(``ico+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
+KSampler (``lr_dci_a<split>_l<λ>``: the context from DCI, inverted), then DCI Retouch Model with the inverted
+first training render as the reference, at the nodes' default retouch settings.
+
+Layout diversity (every method): the concept (or class, or description) asked with nothing about position,
+size or background ("a sks circle"), ``--open-batches`` batches of ``--seeds`` images; for each of position,
+size and background the share of image pairs that differ, averaged: 0 = every image laid out alike.
+
 Metrics (``dev.toyworld.fidelity``): fidelity (the object looks like the instance, 0..1), editability
 (background, position and size as the prompt asks), prompt_acc (those plus the concept's colours). The two
 ends of the fidelity scale are measured in the same run: the floor is the class prompt's fidelity (the
@@ -38,11 +47,12 @@ Prints a table (mean ± standard error over images, and the per-concept fidelity
 ends and one line per method:
 fidelity_floor=<0..1> fidelity_ceiling=<0..1>
 method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..> fisher=<..> w2=<..>
-  fisher_score=<..> w2_per_prompt=<..>
+  fisher_score=<..> w2_per_prompt=<..> diversity=<0..1>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 600] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--threads 1]
-       [--infusion-lr 2.5e-6] [--fisher-prompts 4] [--fisher-levels 4] [--grid out.png] [--plot out.png]
+       [--train-steps 600] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--retouch 0.2,0.3,0.5,dci:0.3:1]
+       [--open-batches 2] [--infusion-lr 2.5e-6] [--fisher-prompts 4] [--fisher-levels 4] [--threads 1]
+       [--grid out.png] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -55,12 +65,21 @@ from pathlib import Path
 import numpy as np
 
 from . import harness
+from .bench_rows import (
+    TRIGGER,
+    OverfittingRows,
+    RetouchRows,
+    dci_label,
+    dci_sweep,
+    lr_label,
+    lr_sweep,
+    open_prompt,
+)
 from .grid import labelled_grid
 
 # The toy world's dev modules import dci.toyworld, so they are imported after harness.boot() has ComfyUI load
 # the pack (the pack must exist once in this process).
 
-TRIGGER = "sks"
 
 # The shared training budget of every method (see docs/benchmarks.md for how it was chosen). No flips: the
 # concepts' emblems sit at the upper left or right, and fidelity tells a mirrored instance apart.
@@ -68,7 +87,6 @@ TRAIN = dict(num_tokens=2, prefix_context="photo of a", suffix_context=".", batc
              learning_rate=1e-3, context_lr_multiplier=10.0, resolution=128, seed=0, precision="fp32",
              gradient_checkpointing=False, overwrite=True, resume=False, checkpoint_every=0, random_flip=False)
 N_TRAIN_IMAGES = 5
-FISHER_SEED = 424242  # the base-world scenes whose captions are the Fisher divergence's non-concept prompts
 # The sweep (see docs/benchmarks.md): split 0.3 (the reference default) at λ 0 (the reference default), -1, 1
 # and 2; split 0.5 at λ 1; then one change each at 0.3, λ 1: the noun reading, pixel_count normalisation, the
 # auxiliary branch on the base model's K/V.
@@ -99,39 +117,16 @@ def parse_args(argv=None):
     p.add_argument("--fisher-prompts", type=int, default=4,
                    help="non-concept prompts of the Fisher divergence (2 seeds each)")
     p.add_argument("--fisher-levels", type=int, default=4, help="noise levels of the Fisher divergence")
+    p.add_argument("--retouch", default="",
+                   help="Layout-and-Retouch rows (opt-in), comma list: a λ1 (the share of steps on the base model, "
+                        "e.g. 0.3) or 'dci:split:λ' (the context from DCI KSampler); empty: none")
+    p.add_argument("--open-batches", type=int, default=2,
+                   help="batches of --seeds images per method and concept for the layout-diversity column")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for this tiny model when other work shares the cores")
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the first seed's samples here")
     p.add_argument("--plot", type=Path, default=None, help="write a fidelity × editability plot (PNG) here")
     return p.parse_args(argv)
-
-
-NORM_SHORT = {"ref": "reference", "px": "pixel_count"}
-
-
-def dci_sweep(text: str) -> list[tuple[float, float, str, bool, str]]:
-    """``"0.2:1,0.3:0:px,0.3:1:base,0.3:-1:noun"`` → [(0.2, 1.0, "reference", False, "reference"),
-    (0.3, 0.0, "pixel_count", False, "reference"), (0.3, 1.0, "reference", True, "reference"),
-    (0.3, -1.0, "reference", False, "noun")]: split, λ, normalisation, the auxiliary branch on the base
-    model's K/V (``aux_model``), the auxiliary map's reading (``aux_map``)."""
-    out = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        split, _, rest = item.partition(":")
-        lam, *flags = rest.split(":")
-        usage = f"--dci: {item!r} is not 'split:λ[:ref|px][:base][:noun]' (e.g. 0.3:1, 0.3:-1:px or 0.3:1:noun)"
-        if any(f not in (*NORM_SHORT, "base", "noun") for f in flags) or len(set(flags) & set(NORM_SHORT)) > 1:
-            sys.exit(usage)
-        norm = next((NORM_SHORT[f] for f in flags if f in NORM_SHORT), "reference")
-        try:
-            out.append((float(split), float(lam or 0.0), norm, "base" in flags,
-                        "noun" if "noun" in flags else "reference"))
-        except ValueError:
-            sys.exit(usage)
-        if not 0.0 <= out[-1][0] <= 1.0:
-            sys.exit(f"--dci: split {split} must be between 0 and 1")
-    return out
 
 
 def aux_noun(class_noun: str) -> str:
@@ -151,7 +146,7 @@ def pick_scenes(concept, n: int):
     return [scenes[int(i * len(scenes) / n)] for i in range(n)]
 
 
-class Bench:
+class Bench(RetouchRows, OverfittingRows):
     def __init__(self, args) -> None:
         harness.boot()
         import torch
@@ -169,6 +164,8 @@ class Bench:
         self.images: dict[tuple[str, str], list[np.ndarray]] = {}  # (method, concept) → one batch per prompt
         self.fisher: dict[tuple[str, str], tuple[float, float]] = {}  # (trained method, concept) → (ε, score)
         self._fisher_prompts: str | None = None
+        self.diversity: dict[str, list[float]] = {}
+        self.notes: list[str] = []
 
     def model_name(self) -> str:
         if self.args.model is None:
@@ -193,6 +190,10 @@ class Bench:
             (out,) = self.run("DCIKSampler", **common, split=dci[0], lam=dci[1], aux_map=dci[4],
                               guidance="separate", aux_seed=seed + 7919, normalization=dci[2], **extra)[0]
         (images,) = self.run("VAEDecode", vae=self.vae, samples=out)[0]
+        return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def decode(self, latent) -> np.ndarray:
+        (images,) = self.run("VAEDecode", vae=self.vae, samples=latent)[0]
         return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
     def meter(self, name: str, concept):
@@ -227,48 +228,6 @@ class Bench:
         self.grid.setdefault(method, []).append(images[0])
         self.images.setdefault((method, name), []).append(images)
 
-    def fisher_prompts(self) -> str:
-        """Captions of base-world scenes that name no concept: the prompts of the Fisher divergence."""
-        if self._fisher_prompts is None:
-            from dci.toyworld.render import caption, sample_scenes
-
-            from .toyworld.concepts import concept_looks
-
-            scenes = sample_scenes(self.args.fisher_prompts, FISHER_SEED, excluded_looks=concept_looks())
-            self._fisher_prompts = "\n".join(caption(sc) for sc in scenes)
-        return self._fisher_prompts
-
-    def measure_fisher(self, method: str, name: str, model, clip) -> None:
-        """DCI Fisher Divergence of ``model`` against the base MODEL (same settings for every method)."""
-        from dci.toyworld.render import IMAGE_SIZE
-
-        a = self.args
-        t0 = time.perf_counter()
-        eps, score, _ = self.run("DCIFisherDivergence", base_model=self.model, custom_model=model, clip=clip,
-                                 prompts=self.fisher_prompts(), seeds_per_prompt=2, seed=0,
-                                 noise_levels=a.fisher_levels, sample_steps=a.steps, cfg=a.cfg, width=IMAGE_SIZE,
-                                 height=IMAGE_SIZE, sampler_name=a.sampler, scheduler="normal")[0]
-        self.fisher[(method, name)] = (eps, score)
-        self._tick("fisher", t0)
-
-    def measure_w2(self, method: str, name: str) -> tuple[float, float]:
-        """DCI Wasserstein of this row's images against the base row's, same scenes and seeds."""
-        import torch
-
-        mine, base = self.images.get((method, name)), self.images.get(("base", name))
-        if not mine or not base or len(mine) != len(base):
-            return float("nan"), float("nan")
-        t0 = time.perf_counter()
-
-        def batch(arrays):
-            return torch.from_numpy(np.concatenate(arrays).astype(np.float32) / 255.0)
-
-        prompts = "\n".join(f"prompt {i}" for i in range(len(mine)))
-        w2, per, _ = self.run("DCIWasserstein", concept_images=batch(mine), class_images=batch(base),
-                              shrinkage="auto", prompts=prompts)[0]
-        self._tick("w2", t0)
-        return w2, per
-
     def train(self, mode: str, name: str, concept):
         import torch
 
@@ -297,6 +256,7 @@ class Bench:
             sys.exit(f"unknown concepts {unknown}; choose from {', '.join(CONCEPTS)}")
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         sweep = dci_sweep(a.dci)
+        lr_rows = lr_sweep(a.retouch)
         for name in names:
             concept = CONCEPTS[name]
             scenes = pick_scenes(concept, a.prompts)
@@ -312,30 +272,56 @@ class Bench:
                     (pos,) = self.run("CLIPTextEncode", clip=self.clip, text=words(scene))[0]
                     self.score(label, name, concept, concept_prompt(scene, TRIGGER, concept),
                                self.sample(self.model, pos, 1000 + i, None))
+                open_text = open_prompt(concept.class_noun if label == "base" else concept.description())
+                (open_pos,) = self.run("CLIPTextEncode", clip=self.clip, text=open_text)[0]
+                self.open_diversity(label, concept, lambda seed, p=open_pos: self.sample(self.model, p, seed, None))
                 self._tick("sample plain", t0)
             for mode, label in (("custom_diffusion", "cd"), ("ico", "ico"), ("infusion", "infusion")):
                 if label not in methods:
                     continue
                 model, clip, ref = self.train(mode, name, concept)
                 self.measure_fisher(label, name, model, clip)
+                open_text = open_prompt(f"{TRIGGER} {concept.class_noun}")
+                t0 = time.perf_counter()
+                (open_pos,) = self.run("CLIPTextEncode", clip=clip, text=open_text)[0]
+                self.open_diversity(label, concept, lambda seed, p=open_pos, m=model: self.sample(m, p, seed, None))
+                self._tick("sample plain", t0)
+                if sweep:
+                    t0 = time.perf_counter()
+                    (open_dpos,) = self.run("DCIPromptEncode", clip=clip, text=open_text,
+                                            auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
+                    for row in sweep:
+                        self.open_diversity(f"{label}+{dci_label(row)}", concept,
+                                            lambda seed, p=open_dpos, m=model, r=row: self.sample(m, p, seed, r))
+                    self._tick("sample dci", t0)
+                ref_traj = self.reference(model, clip, name, concept) if lr_rows else None
+                lr_prefix = "" if label == "cd" else f"{label}+"
+                for row in lr_rows:
+                    t0 = time.perf_counter()
+                    self.open_diversity(
+                        lr_prefix + lr_label(row), concept,
+                        lambda seed, m=model, c=clip, r=ref, t=ref_traj, row=row, p=open_text: self.sample_lr(
+                            m, c, r, t, p, seed, row))
+                    self._tick("sample lr", t0)
                 for i, scene in enumerate(scenes):
                     prompt = concept_prompt(scene, TRIGGER, concept)
                     t0 = time.perf_counter()
                     (pos,) = self.run("CLIPTextEncode", clip=clip, text=prompt)[0]
                     self.score(label, name, concept, prompt, self.sample(model, pos, 1000 + i, None))
                     self._tick("sample plain", t0)
-                    if not sweep:
-                        continue
-                    t0 = time.perf_counter()
-                    (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
-                                       auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
-                    for row in sweep:
-                        split, lam, norm, on_base, reading = row
-                        tag = (("" if norm == "reference" else "_px") + ("_base" if on_base else "")
-                               + ("_noun" if reading == "noun" else ""))
-                        self.score(f"{label}+dci_a{split:g}_l{lam:g}{tag}", name, concept, prompt,
-                                   self.sample(model, dpos, 1000 + i, row))
-                    self._tick("sample dci", t0)
+                    if sweep:
+                        t0 = time.perf_counter()
+                        (dpos,) = self.run("DCIPromptEncode", clip=clip, text=prompt,
+                                           auxiliary_noun=aux_noun(concept.class_noun), concept=ref)[0]
+                        for row in sweep:
+                            self.score(f"{label}+{dci_label(row)}", name, concept, prompt,
+                                       self.sample(model, dpos, 1000 + i, row))
+                        self._tick("sample dci", t0)
+                    for row in lr_rows:
+                        t0 = time.perf_counter()
+                        self.score(lr_prefix + lr_label(row), name, concept, prompt,
+                                   self.sample_lr(model, clip, ref, ref_traj, prompt, 1000 + i, row))
+                        self._tick("sample lr", t0)
             print(f"# {name} done; cumulative timings " + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()),
                   flush=True)
 
@@ -371,6 +357,11 @@ class Bench:
             summary[m]["fid_norm"] = (summary[m]["fidelity"] - floor) / span if span > 0 else float("nan")
         print(f"fidelity scale: floor {floor:.3f} (class prompt), ceiling {ceiling:.3f} (VAE round trips of clean "
               f"instance renders, n {len(self.ceilings)}); fid_norm = (fidelity - floor) / (ceiling - floor)")
+        print("layout diversity (the open prompt, share of image pairs that differ in position, size, background; "
+              "mean over concepts): " + ", ".join(
+                  f"{m} {np.mean(self.diversity[m]):.3f}" for m in methods if self.diversity.get(m)))
+        for note in self.notes:
+            print(f"# {note}")
         if self.args.grid:
             self.write_grid(self.args.grid)
         if self.args.plot:
@@ -383,27 +374,11 @@ class Bench:
         print(f"fidelity_floor={floor:.3f} fidelity_ceiling={ceiling:.3f}")
         for m in methods:
             s = summary[m]
+            div = float(np.mean(self.diversity[m])) if self.diversity.get(m) else float("nan")
             print(f"method={m.replace(' ', '')} fidelity={s['fidelity']:.3f} editability={s['editability']:.3f} "
                   f"prompt_acc={s['prompt_acc']:.3f} fid_norm={s['fid_norm']:.3f} fisher={s['fisher']:.4g} "
-                  f"w2={s['w2']:.4f} fisher_score={s['fisher_score']:.4g} w2_per_prompt={s['w2_per_prompt']:.4f}")
-
-    def overfitting(self, methods: list[str], concepts: list[str]) -> dict[str, dict[str, float]]:
-        """Per method: fisher and fisher_score (its trained model's, or the base model's; mean over concepts),
-        w2 and w2_per_prompt (mean over concepts)."""
-        out = {}
-        for m in methods:
-            trained = m.split("+", 1)[0]
-            base_model = trained in ("base", "base_desc")  # both sample the base model itself
-            values = [self.fisher.get(("base", "") if base_model else (trained, c)) for c in concepts]
-            values = [v for v in values if v is not None]
-            w2 = [self.measure_w2(m, c) for c in concepts]
-            out[m] = {
-                "fisher": float(np.mean([v[0] for v in values])) if values else float("nan"),
-                "fisher_score": float(np.mean([v[1] for v in values])) if values else float("nan"),
-                "w2": float(np.nanmean([v[0] for v in w2])) if w2 else float("nan"),
-                "w2_per_prompt": float(np.nanmean([v[1] for v in w2])) if w2 else float("nan"),
-            }
-        return out
+                  f"w2={s['w2']:.4f} fisher_score={s['fisher_score']:.4g} w2_per_prompt={s['w2_per_prompt']:.4f} "
+                  f"diversity={div:.3f}")
 
     def write_grid(self, path: Path) -> None:
         rows = [(m, np.concatenate(v, axis=1)) for m, v in self.grid.items()]

@@ -105,6 +105,51 @@ def cross_attention_layers(model_patcher) -> list[CrossAttentionLayer]:
     return layers
 
 
+@dataclass(frozen=True)
+class SelfAttentionLayer:
+    """One attn1 layer of the decoder, addressed the way ComfyUI's attn1 replace patches address it."""
+
+    block: tuple[str, int]  # ("output", i)
+    depth: int
+    level: int  # resolution level of the decoder: 0 the coarsest; the finest is the highest
+
+    @property
+    def patch_key(self) -> tuple[str, int, int]:
+        return (self.block[0], self.block[1], self.depth)
+
+    @property
+    def name(self) -> str:
+        return f"{self.block[0]}.{self.block[1]}.{self.depth}"
+
+
+def decoder_self_attention_layers(model_patcher) -> list[SelfAttentionLayer]:
+    """Every self-attention (attn1) layer of the UNet's decoder (``output_blocks``) with its resolution level,
+    counted from the model: the level goes up after each block that ends in an ``Upsample``."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+
+    dm = model_patcher.model.diffusion_model
+    layers: list[SelfAttentionLayer] = []
+    level = 0
+    for i, block in enumerate(getattr(dm, "output_blocks", [])):
+        for sub in block.children():
+            if isinstance(sub, SpatialTransformer):
+                for depth, tb in enumerate(sub.transformer_blocks):
+                    if getattr(tb, "attn1", None) is not None:
+                        layers.append(SelfAttentionLayer(block=("output", i), depth=depth, level=level))
+        if any(isinstance(sub, Upsample) for sub in block.children()):
+            level += 1
+    return layers
+
+
+def finest_decoder_layers(model_patcher, levels: int) -> list[SelfAttentionLayer]:
+    """The decoder's self-attention layers in its ``levels`` finest resolution levels that have any."""
+    layers = decoder_self_attention_layers(model_patcher)
+    if not layers:
+        raise UnsupportedModelError("this MODEL's decoder has no self-attention layers (attn1)")
+    kept = sorted({layer.level for layer in layers})[-levels:]
+    return [layer for layer in layers if layer.level in kept]
+
+
 def text_encoder_names(clip) -> list[str]:
     """The text encoders of a CLIP object, by ComfyUI's short names (``l``, ``g``)."""
     tokens = clip.tokenize("a")

@@ -44,6 +44,13 @@ Structure this pack reads (public attributes, but no documented contract):
 10. ``prepare_noise`` draws image i's noise as row i of the seed's stream (``sampling.guider.noise_batch_index``).
     Guard: tests/nodes/test_dci_branches.py (DCI Guider with a batch_index latent).
 11. The stock LoRA loader accepts per-key ``.diff`` entries (export). Guard: tests/nodes/test_import_export.py.
+12. Layout-and-Retouch (``retouch/``): ``SpatialTransformer`` leaves ``activations_shape`` [B, C, H, W] in the
+    ``transformer_options`` its attn1/attn2 patches receive; ``cond_or_uncond`` index 0 is the positive;
+    ``calc_cond_batch`` also puts ``uuids`` (one per chunk) and ``sigmas`` there, which the APPLY_MODEL wrapper
+    extends when it appends the reference and context rows; decoder levels are separated by ``Upsample``
+    modules in ``output_blocks``; a sampler callback's ``x`` is the latent at ``sigmas[i]`` (the trajectory).
+    Guard: tests/nodes/test_retouch.py (the run itself as both sources reproduces it; cond/uncond rows of a
+    batch; the trajectory's first latent is the seed's noise).
 """
 
 from __future__ import annotations

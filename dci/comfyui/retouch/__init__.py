@@ -1,0 +1,1 @@
+"""Layout-and-Retouch in ComfyUI: step-blended sampling, reference inversion, the retouch MODEL patch."""
