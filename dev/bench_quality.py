@@ -20,8 +20,8 @@ learning rate, seed) and the same sampler settings (steps, CFG, sampler, the wor
 the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
 spread evenly.
 
-Layout-and-Retouch rows (opt-in, ``--retouch``): the Custom Diffusion concept (``lr_…``) and the ICO concept
-(``ico+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
+Layout-and-Retouch rows (opt-in, ``--retouch``): each trained concept (``cd+lr_…``, ``ico+lr_…``,
+``infusion+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
 KSampler (``lr_dci_a<split>_l<λ>``: the context from DCI, inverted), then DCI Retouch Model with the inverted
 first training render as the reference, at the nodes' default retouch settings.
 
@@ -295,7 +295,7 @@ class Bench(RetouchRows, OverfittingRows):
                                             lambda seed, p=open_dpos, m=model, r=row: self.sample(m, p, seed, r))
                     self._tick("sample dci", t0)
                 ref_traj = self.reference(model, clip, name, concept) if lr_rows else None
-                lr_prefix = "" if label == "cd" else f"{label}+"
+                lr_prefix = f"{label}+"
                 for row in lr_rows:
                     t0 = time.perf_counter()
                     self.open_diversity(
