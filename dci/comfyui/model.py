@@ -30,8 +30,24 @@ class UnsupportedModelError(ValueError):
     """The MODEL is not of a family this pack supports."""
 
 
+class _LayerAddress:
+    """How ComfyUI's attention patches address a transformer block: ``block`` (("input"|"middle"|"output", i))
+    and ``depth`` give the patch key and a readable name."""
+
+    block: tuple[str, int]
+    depth: int
+
+    @property
+    def patch_key(self) -> tuple[str, int, int]:
+        return (self.block[0], self.block[1], self.depth)
+
+    @property
+    def name(self) -> str:
+        return f"{self.block[0]}.{self.block[1]}.{self.depth}"
+
+
 @dataclass(frozen=True)
-class CrossAttentionLayer:
+class CrossAttentionLayer(_LayerAddress):
     """One attn2 layer, addressed the way ComfyUI's attn2 replace patches address it."""
 
     block: tuple[str, int]  # ("input", i) | ("middle", 0) | ("output", i): index into the UNet's block list
@@ -41,14 +57,6 @@ class CrossAttentionLayer:
     context_dim: int  # in-features of to_k / to_v
     inner_dim: int  # out-features of to_k / to_v
     weight_prefix: str  # state-dict prefix of the attn2 module, e.g. "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2."
-
-    @property
-    def patch_key(self) -> tuple[str, int, int]:
-        return (self.block[0], self.block[1], self.depth)
-
-    @property
-    def name(self) -> str:
-        return f"{self.block[0]}.{self.block[1]}.{self.depth}"
 
 
 def config_name(model_patcher) -> str:
@@ -106,20 +114,12 @@ def cross_attention_layers(model_patcher) -> list[CrossAttentionLayer]:
 
 
 @dataclass(frozen=True)
-class SelfAttentionLayer:
+class SelfAttentionLayer(_LayerAddress):
     """One attn1 layer of the decoder, addressed the way ComfyUI's attn1 replace patches address it."""
 
     block: tuple[str, int]  # ("output", i)
     depth: int
     level: int  # resolution level of the decoder: 0 the coarsest; the finest is the highest
-
-    @property
-    def patch_key(self) -> tuple[str, int, int]:
-        return (self.block[0], self.block[1], self.depth)
-
-    @property
-    def name(self) -> str:
-        return f"{self.block[0]}.{self.block[1]}.{self.depth}"
 
 
 def decoder_self_attention_layers(model_patcher) -> list[SelfAttentionLayer]:
