@@ -216,11 +216,11 @@ def test_bad_inputs_fail_before_anything_is_written(setup, overrides, message):
     assert _no_file("t_bad")
 
 
-def test_unknown_family_and_sdxl_are_refused(setup):
+def test_unknown_family_and_a_clip_of_another_model_are_refused(setup):
     from comfy.model_patcher import ModelPatcher
 
     comfy, model, clip, vae, images = setup
-    for config_name, message in (("Flux", "supports SD1.x"), ("SDXL", "not yet supported")):
+    for config_name, message in (("Flux", "supports SD1.x"), ("SDXL", "needs the SDXL CLIP")):
         fake = copy.copy(model.model)
         fake.model_config = type(config_name, (), {})()
         other = ModelPatcher(fake, model.load_device, model.offload_device)

@@ -71,17 +71,21 @@ class Trainables:
     """The trained tensors, in the order the optimizer and the training state name them."""
 
     deltas: dict[str, torch.Tensor]
-    tokens: torch.Tensor
-    token_init: torch.Tensor
-    contexts: dict[str, torch.Tensor]
+    tokens: dict[str, torch.Tensor]  # encoder → [k, width]
+    token_init: dict[str, torch.Tensor]
+    contexts: dict[str, torch.Tensor]  # "<encoder>.prefix" / "<encoder>.suffix" → [images, n, width]
     residuals: dict[str, torch.Tensor]  # infusion: one vector per attn2 to_v (and to_k when unlocked)
     train_tokens: bool = True
 
     def named(self) -> list[tuple[str, torch.Tensor]]:
+        """Single-encoder runs keep the names of their training states without the encoder ("token",
+        "context.prefix"), so states saved before SDXL training existed still resume."""
+        single = len(self.tokens) == 1
         named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()]
-        named += [("token", self.tokens)] if self.train_tokens else []
+        if self.train_tokens:
+            named += [("token" if single else f"token.{k}", v) for k, v in sorted(self.tokens.items())]
         named += [(f"residual.{k}", v) for k, v in sorted(self.residuals.items())]
-        return named + [(f"context.{k}", v) for k, v in sorted(self.contexts.items())]
+        return named + [(f"context.{k.partition('.')[2] if single else k}", v) for k, v in sorted(self.contexts.items())]
 
     def names(self) -> list[str]:
         return [n for n, _ in self.named()]
@@ -134,7 +138,7 @@ class TrainingRun:
         if settings.mode == "infusion":
             self.patcher = infusion_patcher(model, self.trained.residuals)
         else:
-            self.patcher = training_patcher(model, self.trained.deltas, self.text.special.length)
+            self.patcher = training_patcher(model, self.trained.deltas, self.text.length)
         self.patcher.set_additional_models(TEXT_ENCODER_KEY, [clip.patcher])
         self.sampling = self.patcher.get_model_object("model_sampling")
         self.num_timesteps = int(self.sampling.sigmas.shape[0])
@@ -161,11 +165,25 @@ class TrainingRun:
         both = torch.stack([m, m.flip(-1)]) if self.s.random_flip else m.unsqueeze(0)
         return both.to(self.device)
 
-    def _reg_conds(self) -> list[torch.Tensor]:
-        """Each regularisation caption encoded once, exactly as CLIPTextEncode does (no trainable part)."""
+    def _reg_conds(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each regularisation caption encoded once, exactly as CLIPTextEncode does (no trainable part): its
+        context and, for SDXL, its ADM input."""
+        out = []
         with torch.no_grad():
-            return [self.clip.encode_from_tokens(self.clip.tokenize(c)).float().clone().to(self.device)
-                    for c in self.s.reg_captions]
+            for c in self.s.reg_captions:
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(c), return_pooled=True)
+                pooled = pooled.float().clone().to(self.device) if self.text.pooled_key else None
+                out.append((cond.float().clone().to(self.device), self._adm(pooled)))
+        return out
+
+    def _adm(self, pooled: torch.Tensor | None) -> torch.Tensor | None:
+        """SDXL's ADM input ``y`` for these pooled outputs: the size conditioning ComfyUI's sampling gives an
+        image of the training resolution (width = height = target = resolution, crop 0)."""
+        if pooled is None:
+            return None
+        r = self.s.resolution
+        return self.model.model.encode_adm(pooled_output=pooled, width=r, height=r, target_width=r, target_height=r,
+                                           crop_w=0, crop_h=0, device=self.device).to(self.device)
 
     def _init_trainables(self) -> Trainables:
         s, text, plan = self.s, self.text, self.plan
@@ -174,18 +192,20 @@ class TrainingRun:
         deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=self.device) for k, w in sorted(base.items())}
         residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
                      for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
-        rare = text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).detach().float().clone()
+        rare = {k: r.detach().float().clone() for k, r in
+                text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).items()}
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
             g = torch.Generator().manual_seed(ico.sub_seed("contexts", s.seed))
             for part, spec, entries in (("prefix", plan.prefix, plan.prefix_entries),
                                         ("suffix", plan.suffix, plan.suffix_entries)):
-                rows = text.embed([entries])[0].detach() if spec.from_words else None
-                ctx = ico.init_contexts(self.images.shape[0], text.width, rows, spec.length, g)
-                if ctx.shape[1]:
-                    contexts[part] = ctx.to(self.device)
-        return Trainables(deltas, rare.to(self.device).clone(), rare.cpu().clone(), contexts, residuals,
-                          train_tokens=not infusion)
+                for enc in text.parts:
+                    rows = enc.embed([entries[enc.key]])[0].detach() if spec.from_words else None
+                    ctx = ico.init_contexts(self.images.shape[0], enc.width, rows, spec.length, g)
+                    if ctx.shape[1]:
+                        contexts[f"{enc.key}.{part}"] = ctx.to(self.device)
+        return Trainables(deltas, {k: r.to(self.device).clone() for k, r in rare.items()},
+                          {k: r.cpu().clone() for k, r in rare.items()}, contexts, residuals, train_tokens=not infusion)
 
     def _load_resume(self) -> TrainState:
         concept = load_concept(self.plan.path)
@@ -202,15 +222,16 @@ class TrainingRun:
             raise TrainingError(f"resuming needs the settings of the saved run; these differ: {', '.join(differ)}")
         if state.images != self.fingerprint:
             raise TrainingError("resuming needs the same concept and regularisation images as the saved run")
-        t, key = self.trained, self.text.key
+        t = self.trained
         for k in t.deltas:
             t.deltas[k] = concept.kv_deltas[k].float().to(self.device)
-        t.tokens = concept.tokens[key].float().to(self.device)
-        t.token_init = concept.token_init.get(key, t.token_init)
+        for k in t.tokens:
+            t.tokens[k] = concept.tokens[k].float().to(self.device)
+            t.token_init[k] = concept.token_init.get(k, t.token_init[k])
         for k in t.residuals:
             t.residuals[k] = concept.residuals[k].float().to(self.device)
-        for part in t.contexts:
-            t.contexts[part] = concept.contexts[f"{key}.{part}"].float().to(self.device)
+        for k in t.contexts:
+            t.contexts[k] = concept.contexts[k].float().to(self.device)
         return state
 
     def _optimizer(self, state: TrainState | None) -> torch.optim.AdamW:
@@ -228,26 +249,30 @@ class TrainingRun:
         return optimizer
 
     # -- one step --
-    def _captions(self, indices: list[int]) -> list[list]:
+    def _captions(self, indices: list[int]) -> dict[str, list[list]]:
+        """The concept captions of these images, per text encoder."""
         s, p, t = self.s, self.plan, self.trained
-        out = []
-        for i in indices:
-            if s.mode == "ico":
-                prefix = t.contexts["prefix"][i] if "prefix" in t.contexts else []
-                suffix = t.contexts["suffix"][i] if "suffix" in t.contexts else []
-            else:
-                prefix, suffix = p.prefix_entries, []
-            out.append(ico.caption_entries(self.text.special, prefix, t.tokens, p.class_entries, suffix))
+        out: dict[str, list[list]] = {}
+        for enc in self.text.parts:
+            k, rows = enc.key, []
+            for i in indices:
+                if s.mode == "ico":
+                    prefix = t.contexts[f"{k}.prefix"][i] if f"{k}.prefix" in t.contexts else []
+                    suffix = t.contexts[f"{k}.suffix"][i] if f"{k}.suffix" in t.contexts else []
+                else:
+                    prefix, suffix = p.prefix_entries[k], []
+                rows.append(ico.caption_entries(enc.special, prefix, t.tokens[k], p.class_entries[k], suffix))
+            out[k] = rows
         return out
 
     def _trigger_rows(self, concept_rows: int, total_rows: int, length: int) -> torch.Tensor | None:
         """infusion: [rows, tokens] true at the modifier tokens of the concept captions (the first rows)."""
         if self.s.mode != "infusion":
             return None
-        cols = ico.modifier_positions(len(self.plan.prefix_entries), self.s.num_tokens)
+        cols = ico.modifier_positions(len(self.plan.prefix_entries[self.text.primary.key]), self.s.num_tokens)
         return infusion_rows(total_rows, length, [cols] * concept_rows, self.device)
 
-    def _predict(self, x_t, sigma, context, rows=None) -> torch.Tensor:
+    def _predict(self, x_t, sigma, context, rows=None, y=None) -> torch.Tensor:
         """The raw UNet output for these rows, through ``BaseModel.apply_model`` with the clone's options."""
         topts = dict(self.patcher.model_options.get("transformer_options", {}))
         wrappers = pe.copy_nested_dicts(topts.get("wrappers", {}))
@@ -255,7 +280,8 @@ class TrainingRun:
         topts.update(wrappers=wrappers, cond_or_uncond=[0], sigmas=sigma)
         if rows is not None:
             topts[ROWS_KEY] = rows
-        self.patcher.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=topts)
+        extra = {} if y is None else {"y": y}
+        self.patcher.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=topts, **extra)
         return self.capture.take().float()
 
     def _step_loss(self, step: int) -> torch.Tensor:
@@ -271,16 +297,19 @@ class TrainingRun:
         x_t = self.sampling.noise_scaling(sigma, noise, x0)
         goal = target(self.plan.prediction, noise, x0, sigma)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            cond = self.text.encode(self.text.embed(self._captions(draw.concept)))
-            conds = [cond] + [self.reg_conds[j % len(self.reg_conds)] for j in draw.reg]
+            cond, pooled = self.text.encode(self._captions(draw.concept))
+            adm = self._adm(pooled)
+            regs = [self.reg_conds[j % len(self.reg_conds)] for j in draw.reg]
+            conds, adms = [cond] + [c for c, _ in regs], [adm] + [a for _, a in regs]
             k = len(draw.concept)
             if all(c.shape[-2] == cond.shape[-2] for c in conds[1:]):
                 rows = self._trigger_rows(k, len(conds) - 1 + k, cond.shape[-2])
-                pred = self._predict(x_t, sigma, torch.cat([cond, *conds[1:]]), rows)
+                pred = self._predict(x_t, sigma, torch.cat(conds), rows, None if adm is None else torch.cat(adms))
             else:
-                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond, self._trigger_rows(k, k, cond.shape[-2]))]
-                                 + [self._predict(x_t[k + j:k + j + 1], sigma[k + j:k + j + 1], c)
-                                    for j, c in enumerate(conds[1:])])
+                pred = torch.cat([self._predict(x_t[:k], sigma[:k], cond, self._trigger_rows(k, k, cond.shape[-2]),
+                                                adm)]
+                                 + [self._predict(x_t[k + j:k + j + 1], sigma[k + j:k + j + 1], c, None, a)
+                                    for j, (c, a) in enumerate(regs)])
         if self.masks is not None:  # foreground-masked loss on the concept rows, as the official Infusion code
             w = torch.stack([self.masks[int(f), i] for i, f in zip(draw.concept, draw.concept_flip, strict=True)])
             w = torch.cat([w, torch.ones(pred.shape[0] - k, *w.shape[1:], device=w.device)]).to(pred)
@@ -293,7 +322,7 @@ class TrainingRun:
 
     # -- saving --
     def _concept(self) -> Concept:
-        s, key, t = self.s, self.text.key, self.trained
+        s, t = self.s, self.trained
         training = {k: v for k, v in asdict(s).items() if k != "reg_captions"}
         training.update(reg_images=0 if self.reg_images is None else int(self.reg_images.shape[0]),
                         reg_captions=s.reg_captions[:20], images=int(self.images.shape[0]),
@@ -305,9 +334,9 @@ class TrainingRun:
         return Concept(
             family=self.plan.family, trigger=s.trigger, class_noun=s.class_noun.strip(),
             kv_deltas={k: v.detach().float().cpu().clone() for k, v in t.deltas.items()},
-            tokens={key: t.tokens.detach().float().cpu().clone()},
-            token_init={key: t.token_init.float().cpu().clone()},
-            contexts={f"{key}.{part}": v.detach().float().cpu().clone() for part, v in t.contexts.items()},
+            tokens={k: v.detach().float().cpu().clone() for k, v in t.tokens.items()},
+            token_init={k: v.float().cpu().clone() for k, v in t.token_init.items()},
+            contexts={k: v.detach().float().cpu().clone() for k, v in t.contexts.items()},
             residuals={k: v.detach().float().cpu().clone() for k, v in t.residuals.items()},
             base_fingerprint=base_fingerprint(self.model), method=s.mode, steps=self.done, training=training,
         )

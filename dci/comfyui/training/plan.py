@@ -11,10 +11,10 @@ import torch
 from ...files.concept import ConceptFileError, sanitize_name
 from ...files.train_state import state_path
 from ...method import ico
-from ..model import FAMILY_LABEL, UnsupportedModelError, model_family
+from ..model import FAMILY_LABEL, UnsupportedModelError, cross_attention_layers, model_family
 from ..tokenizer import existing_triggers
 from .settings import TRAINABLE_FAMILIES, TrainingError, TrainSettings
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoders
 from .unet import prediction_kind
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
-    """A checked run: its family, text encoder, caption parts, target file and warnings."""
+    """A checked run: its family, text encoders, caption parts (entries per encoder), target file, warnings."""
 
     family: str
     prediction: str
-    text: TextEncoder
-    class_entries: list
+    text: TextEncoders
+    class_entries: dict[str, list]
     prefix: ico.ContextSpec
     suffix: ico.ContextSpec
-    prefix_entries: list
-    suffix_entries: list
+    prefix_entries: dict[str, list]
+    suffix_entries: dict[str, list]
     path: Path
     resume: bool
     warnings: list[str]
@@ -64,6 +64,19 @@ def _check_masks(masks, images) -> None:
         raise TrainingError("a mask is empty (all 0): it would hide its whole image from training")
 
 
+def _check_pairing(model, text: TextEncoders, family: str) -> None:
+    """The CLIP must be the MODEL's: its context as wide as the cross-attention takes, SDXL's pooled output."""
+    width = sum(p.width for p in text.parts)
+    wanted = {layer.context_dim for layer in cross_attention_layers(model)}
+    if wanted and wanted != {width}:
+        raise TrainingError(f"this CLIP's text encoders ({', '.join(text.keys)}) give a context {width} wide, but the "
+                            f"MODEL's cross-attention takes {', '.join(map(str, sorted(wanted)))}: connect the CLIP "
+                            "of the same checkpoint")
+    if family == "sdxl" and text.pooled_key is None:
+        raise TrainingError(f"an SDXL MODEL needs the SDXL CLIP (clip_l and clip_g); this CLIP has "
+                            f"{', '.join(text.keys)}")
+
+
 def _target(folder: Path, name: str, overwrite: bool, resume: bool) -> Path:
     try:
         path = Path(folder) / sanitize_name(name)
@@ -90,12 +103,13 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
         raise TrainingError(str(e)) from None
     if family not in TRAINABLE_FAMILIES:
         raise TrainingError(f"training {FAMILY_LABEL[family]} concepts is not yet supported; use an "
-                            "SD1.x or SD2.x checkpoint")
+                            "SD1.x, SD2.x or SDXL checkpoint")
     prediction = prediction_kind(model)
     _check_images(images, reg_images, settings)
     _check_masks(masks, images)
 
-    text = TextEncoder(clip)
+    text = TextEncoders(clip)
+    _check_pairing(model, text, family)
     warnings = []
     trigger = settings.trigger
     if trigger.lower() in (w.lower() for w in existing_triggers(clip)):
@@ -106,21 +120,23 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
                         "prompts that use it in its usual sense will get the concept instead (a made-up word "
                         "like 'qxz' avoids that)")
     class_entries = text.word_entries(settings.class_noun, "class noun")
-    if not class_entries:
+    if not class_entries[text.primary.key]:
         raise TrainingError(f"the class noun {settings.class_noun!r} gives no tokens")
     if settings.mode == "ico":
         prefix, suffix = ico.parse_context_spec(settings.prefix), ico.parse_context_spec(settings.suffix)
     else:
         prefix, suffix = ico.ContextSpec(words=ico.CUSTOM_DIFFUSION_PREFIX), ico.ContextSpec()
-    prefix_entries = text.word_entries(prefix.words, "prefix") if prefix.words else []
-    suffix_entries = text.word_entries(suffix.words, "suffix") if suffix.words else []
-    n_prefix = len(prefix_entries) if prefix.from_words else prefix.length
-    n_suffix = len(suffix_entries) if suffix.from_words else suffix.length
-    try:
-        ico.caption_entries(text.special, [0] * n_prefix, torch.zeros(settings.num_tokens, text.width),
-                            class_entries, [0] * n_suffix)
-    except ico.CaptionError as e:
-        raise TrainingError(str(e)) from None
+    none = {k: [] for k in text.keys}
+    prefix_entries = text.word_entries(prefix.words, "prefix") if prefix.words else none
+    suffix_entries = text.word_entries(suffix.words, "suffix") if suffix.words else none
+    for part in text.parts:
+        n_prefix = len(prefix_entries[part.key]) if prefix.from_words else prefix.length
+        n_suffix = len(suffix_entries[part.key]) if suffix.from_words else suffix.length
+        try:
+            ico.caption_entries(part.special, [0] * n_prefix, torch.zeros(settings.num_tokens, part.width),
+                                class_entries[part.key], [0] * n_suffix)
+        except ico.CaptionError as e:
+            raise TrainingError(str(e)) from None
 
     path = _target(folder, name, overwrite, resume)
     for w in warnings:

@@ -15,7 +15,7 @@ from ...files.concept import ConceptFileError, check_trigger
 from ...method import ico
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # training precision → autocast dtype
-TRAINABLE_FAMILIES = ("sd1", "sd2")
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
 WEIGHT_DECAY = 1e-2  # AdamW's default, applied to the trained tensors only (the deltas: a pull towards the base)
 # infusion: the residual vectors learn at learning_rate × batch × this, so the default 1e-5 gives 0.01, the rate
 # of the official Infusion code's vectors (this project's reconstruction of a comparable setting)

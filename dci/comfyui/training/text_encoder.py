@@ -1,10 +1,15 @@
-"""The text encoder run from assembled token embeddings, with gradients: the trainer's CLIP forward pass.
+"""The text encoders run from assembled token embeddings, with gradients: the trainer's CLIP forward pass.
 
 ICO captions are assembled in token-embedding space (``ico.caption_entries``), so the trainer can't go through
 ``CLIP.encode_from_tokens``; it runs the same modules itself. ComfyUI's CLIP layers add their residuals in place,
 which autograd can't differentiate, so ``text_forward`` is ``CLIPTextModel_.forward`` and
 ``SDClipModel.forward`` step by step with out-of-place additions; a test checks that it reproduces
 CLIPTextEncode exactly.
+
+``TextEncoders`` is the text side of a run for every trainable family: one encoder (SD1.x clip_l, SD2.x
+clip_h) or SDXL's two, whose outputs are concatenated (clip_l first) into the cross-attention context as
+``SDXLClipModel.encode_token_weights`` does, with clip_g's projected pooled output (the final-norm row of the
+first end token, as ``SDClipModel`` counts it) for the model's ADM input.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from ..tokenizer import base_tokenizer
 from .settings import TrainingError
 
 
-def text_forward(module, embeds: torch.Tensor) -> torch.Tensor:
+def text_forward(module, embeds: torch.Tensor, eos: list[int] | None = None):
     """``[B, 77, width]`` input embeddings → the output ``module`` (a ComfyUI ``SDClipModel``) gives for them.
 
     The output layer follows the module's own options (last layer, or a hidden layer with or without the final
-    norm), as CLIPTextEncode would use them.
+    norm), as CLIPTextEncode would use them. With ``eos`` (each row's first end-token position) it returns
+    ``(output, pooled)``, the pooled output as ``SDClipModel`` gives it (projected when the module says so).
     """
     tm = module.transformer.text_model
     x = embeds + cast_to(tm.embeddings.position_embedding.weight, dtype=torch.float32, device=embeds.device)
@@ -42,20 +48,31 @@ def text_forward(module, embeds: torch.Tensor) -> torch.Tensor:
             hidden = x
     x = tm.final_layer_norm(x)
     if module.layer == "last":
-        return x.float()
-    return (tm.final_layer_norm(hidden) if module.layer_norm_hidden_state else hidden).float()
+        out = x.float()
+    else:
+        out = (tm.final_layer_norm(hidden) if module.layer_norm_hidden_state else hidden).float()
+    if eos is None:
+        return out
+    pooled = x[torch.arange(x.shape[0], device=x.device), torch.tensor(eos, device=x.device)]
+    if module.return_projected_pooled:
+        pooled = module.transformer.text_projection(pooled)
+    return out, pooled.float()
 
 
 class TextEncoder:
-    """The single CLIP text encoder of an SD1.x (CLIP-L) or SD2.x (OpenCLIP-H) CLIP object."""
+    """One CLIP text encoder of a CLIP object: the single one of SD1.x (CLIP-L) or SD2.x (OpenCLIP-H) when
+    ``key`` is not given, or the one named ``key`` (SDXL's clip_l and clip_g)."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, key: str | None = None):
         subs = seams.encoder_tokenizers(base_tokenizer(clip))
-        if len(subs) != 1:
-            raise TrainingError(f"this CLIP has the text encoders {', '.join(sorted(subs)) or 'none'}; training "
-                                "supports the single-encoder CLIPs of SD1.x and SD2.x")
+        if key is None and len(subs) != 1:
+            raise TrainingError(f"this CLIP has the text encoders {', '.join(sorted(subs)) or 'none'}; expected "
+                                "the single-encoder CLIP of SD1.x or SD2.x")
+        if key is not None and key not in subs:
+            raise TrainingError(f"this CLIP has no {key} text encoder")
         self.clip = clip
-        self.key, self.sub = next(iter(subs.items()))  # "clip_l" / "clip_h" and its SDTokenizer
+        self.key = key or next(iter(subs))  # "clip_l" / "clip_g" / "clip_h"
+        self.sub = subs[self.key]  # its SDTokenizer
         self.name = self.key.removeprefix("clip_")  # the key of clip.tokenize()'s result
         self.module = getattr(clip.cond_stage_model, self.key, None)
         if self.module is None or not hasattr(self.module, "transformer"):
@@ -102,6 +119,9 @@ class TextEncoder:
         if self.clip.layer_idx is not None:
             self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
         self.clip.load_model()
+        self.check_options()
+
+    def check_options(self) -> None:
         m = self.module
         if m.enable_attention_masks or m.zero_out_masked or isinstance(m.layer, list) or m.layer == "all":
             raise TrainingError("this CLIP uses text-encoder options (attention masks or several output layers) "
@@ -110,3 +130,63 @@ class TextEncoder:
     def encode(self, embeds: torch.Tensor) -> torch.Tensor:
         """``[B, 77, width]`` input embeddings → the conditioning CLIPTextEncode would give for them."""
         return text_forward(self.module, embeds)
+
+
+ORDER = ("clip_l", "clip_g", "clip_h")  # the order SDXLClipModel concatenates its encoders' outputs in
+POOLED_FROM = "clip_g"  # the encoder whose pooled output SDXL's ADM input takes (SDXLClipModel's g_pooled)
+
+
+class TextEncoders:
+    """All text encoders of a trainable CLIP (SD1.x/SD2.x: one; SDXL: clip_l and clip_g), run together.
+
+    Captions are given per encoder (``{key: [entries, ...]}``): the encoders share their BPE vocabulary but not
+    their special tokens (SDXL's clip_g pads with id 0) nor their embedding widths.
+    """
+
+    def __init__(self, clip):
+        subs = seams.encoder_tokenizers(base_tokenizer(clip))
+        keys = [k for k in ORDER if k in subs]
+        if not keys or len(keys) != len(subs) or len(keys) > 2 or (len(keys) == 2 and keys != ["clip_l", "clip_g"]):
+            raise TrainingError(f"this CLIP has the text encoders {', '.join(sorted(subs)) or 'none'}; training "
+                                "supports the CLIPs of SD1.x (clip_l), SD2.x (clip_h) and SDXL (clip_l + clip_g)")
+        self.clip = clip
+        self.parts = [TextEncoder(clip, k) for k in keys]
+        self.by_key = {p.key: p for p in self.parts}
+        self.keys = tuple(keys)
+        self.primary = self.parts[0]
+        if len({p.special.length for p in self.parts}) != 1:
+            raise TrainingError("the text encoders of this CLIP take captions of different lengths")
+        self.length = self.primary.special.length
+        self.pooled_key = POOLED_FROM if POOLED_FROM in self.by_key else None
+
+    def word_entries(self, text: str, what: str) -> dict[str, list]:
+        return {p.key: p.word_entries(text, what) for p in self.parts}
+
+    def vocabulary_rows(self, words: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {p.key: p.vocabulary_rows(words) for p in self.parts}
+
+    def is_vocabulary_word(self, word: str) -> bool:
+        return self.primary.is_vocabulary_word(word)
+
+    def prepare(self) -> None:
+        self.primary.prepare()
+        for p in self.parts:
+            p.check_options()
+
+    def encode(self, captions: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Captions per encoder → (the context CLIPTextEncode would give, the pooled output SDXL conditions on;
+        None for the single-encoder families, whose models take no pooled output)."""
+        outs, pooled = [], None
+        for p in self.parts:
+            embeds = p.embed(captions[p.key])
+            if p.key == self.pooled_key:
+                out, pooled = text_forward(p.module, embeds, [first_end(e, p.special.end) for e in captions[p.key]])
+            else:
+                out = text_forward(p.module, embeds)
+            outs.append(out)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), pooled
+
+
+def first_end(entries, end: int) -> int:
+    """The position of the first end token of a caption (the row ``SDClipModel`` pools)."""
+    return next(i for i, e in enumerate(entries) if not isinstance(e, torch.Tensor) and e == end)
