@@ -1,7 +1,8 @@
 """``make bench-train``: our trainer (DCI Train Concept, mode ico, fp32) vs ComfyUI's own Train LoRA, side by side.
 
 Both train the SD1.5-detected tiny checkpoint (generated once into a temporary folder) on the same random
-images, with the same batch size, resolution, step count and precision (fp32, no gradient checkpointing
+images, and then, for the SDXL-architecture rows, the SDXL-detected tiny checkpoint (``dev.fixtures_sdxl``: a
+small 320-channel UNet with SDXL's detected layout and ComfyUI's full CLIP-L + OpenCLIP-bigG text encoders), with the same batch size, resolution, step count and precision (fp32, no gradient checkpointing
 unless ``--checkpointing``). Train LoRA puts a LoRA on every layer (and full diffs on biases and norms, as it
 does); its rank is chosen so that its trainable-value count is the closest to ours, and both counts are
 printed. Train LoRA gets its latents through the stock ``RebatchLatents`` (it fails on a single latent
@@ -17,7 +18,7 @@ loading, optimiser creation) and the first step (lazy allocations), so it is dro
 the median of the intervals between the later reports (robust to the odd slow interval on a busy machine).
 This needs at least 3 steps.
 
-Prints a table, the concept file size, then, last, one line per resolution:
+Prints a table, the concept file size, then, last, one line per resolution (SDXL rows end in ``arch=sdxl``):
 ico_step_ratio_vs_trainlora=<ours/theirs seconds per step> ico_peak_mem_ratio_vs_trainlora=<ours/theirs peak RSS> res=<px>
 """
 
@@ -131,22 +132,30 @@ def run_worker(trainer: str, res: int, steps: int, rank: int, args, checkpoint: 
                                    "--images", str(args.images), "--batch", str(args.batch), *extra])
 
 
-def write_checkpoint(path: Path) -> None:
+def write_checkpoint(path: Path, arch: str) -> None:
     harness.configure()
-    from .fixtures import write_tiny_sd15_checkpoint
+    if arch == "sdxl":
+        from .fixtures_sdxl import write_tiny_sdxl_checkpoint
 
-    write_tiny_sd15_checkpoint(path)
+        write_tiny_sdxl_checkpoint(path)
+    else:
+        from .fixtures import write_tiny_sd15_checkpoint
+
+        write_tiny_sd15_checkpoint(path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--write-checkpoint", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="sd15", help=argparse.SUPPRESS)
     ap.add_argument("--trainer", default="ico", help=argparse.SUPPRESS)
     ap.add_argument("--res", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
     ap.add_argument("--resolutions", default="512,64", help="comma-separated pixel sizes (multiples of 64)")
+    ap.add_argument("--sdxl-resolutions", default="1024", help="pixel sizes of the SDXL-architecture rows "
+                    "(empty: none)")
     ap.add_argument("--steps", type=int, default=20, help="training steps below 512 px")
     ap.add_argument("--steps-512", type=int, default=4, help="training steps at 512 px and above (slow on a CPU)")
     ap.add_argument("--images", type=int, default=4, help="training images (at least 2)")
@@ -158,37 +167,42 @@ def main() -> int:
         worker(args)
         return 0
     if args.write_checkpoint:
-        write_checkpoint(Path(args.write_checkpoint))
+        write_checkpoint(Path(args.write_checkpoint), args.arch)
         return 0
     if args.images < 2:
         ap.error("--images must be at least 2 (Train LoRA needs a list of latents)")
     lines, rows, sizes = [], [], []
     t_start = time.perf_counter()
+    runs = [("sd15", r) for r in args.resolutions.split(",") if r.strip()]
+    runs += [("sdxl", r) for r in args.sdxl_resolutions.split(",") if r.strip()]
     with tempfile.TemporaryDirectory(prefix="dci-bench-train-") as tmp:
-        checkpoint = Path(tmp) / "tiny_sd15.safetensors"
-        subprocess.run([sys.executable, "-m", __spec__.name, "--write-checkpoint", str(checkpoint)], check=True,
-                       env=os.environ, stdout=subprocess.DEVNULL, cwd=REPO)
-        for res in [int(r) for r in args.resolutions.split(",")]:
+        checkpoints: dict[str, Path] = {}
+        for arch, res in [(a, int(r)) for a, r in runs]:
+            if arch not in checkpoints:
+                checkpoints[arch] = Path(tmp) / f"tiny_{arch}.safetensors"
+                subprocess.run([sys.executable, "-m", __spec__.name, "--write-checkpoint", str(checkpoints[arch]),
+                                "--arch", arch], check=True, env=os.environ, stdout=subprocess.DEVNULL, cwd=REPO)
             steps = args.steps_512 if res >= 512 else args.steps
             if steps < 3:
                 ap.error("at least 3 steps are needed to time a step without the set-up")
-            ours = run_worker("ico", res, steps, 0, args, checkpoint)
+            ours = run_worker("ico", res, steps, 0, args, checkpoints[arch])
             rank = max(1, min(128, round((ours["trainable"] - ours["lora_fixed"]) / ours["lora_per_rank"])))
-            theirs = run_worker("trainlora", res, steps, rank, args, checkpoint)
-            sizes.append((res, ours["file_bytes"], theirs["file_bytes"]))
-            rows.append(("DCITrainConcept ico", "-", ours, res))
-            rows.append(("TrainLoraNode", rank, theirs, res))
+            theirs = run_worker("trainlora", res, steps, rank, args, checkpoints[arch])
+            tag = "" if arch == "sd15" else f" {arch}"
+            sizes.append((f"{res}{tag}", ours["file_bytes"], theirs["file_bytes"]))
+            rows.append((f"DCITrainConcept ico{tag}", "-", ours, res))
+            rows.append((f"TrainLoraNode{tag}", rank, theirs, res))
             step_ratio = ours["sec_per_step"] / theirs["sec_per_step"]
             mem_ratio = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
             lines.append(f"ico_step_ratio_vs_trainlora={step_ratio:.3f} ico_peak_mem_ratio_vs_trainlora="
-                         f"{mem_ratio:.3f} res={res}")
+                         f"{mem_ratio:.3f} res={res}" + (f" arch={arch}" if tag else ""))
     print(f"images {args.images}, batch {args.batch}, fp32, gradient checkpointing "
           f"{'on' if args.checkpointing else 'off'}, {args.threads} thread(s) per worker, "
           f"wall {time.perf_counter() - t_start:.0f}s")
-    print(f"{'trainer':20} {'rank':>4} {'res':>4} {'steps':>5} {'trainable':>10} {'s/step':>8} {'setup+1st':>9} "
+    print(f"{'trainer':25} {'rank':>4} {'res':>4} {'steps':>5} {'trainable':>10} {'s/step':>8} {'setup+1st':>9} "
           f"{'peak MB':>8} {'train +MB':>9}")
     for name, rank, r, res in rows:
-        print(f"{name:20} {rank!s:>4} {res:>4} {r['steps']:>5} {r['trainable']:>10} {r['sec_per_step']:8.3f} "
+        print(f"{name:25} {rank!s:>4} {res:>4} {r['steps']:>5} {r['trainable']:>10} {r['sec_per_step']:8.3f} "
               f"{r['setup_and_first']:9.1f} {r['peak_rss_mb']:8.0f} {r['peak_rss_mb'] - r['rss_before_mb']:9.0f}")
     for res, ours_bytes, lora_bytes in sizes:
         print(f"concept file ({res}px run): {ours_bytes / 2**20:.2f} MiB; Train LoRA tensors in fp32: "

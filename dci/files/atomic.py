@@ -127,3 +127,18 @@ def write_folder(folder: Path, files: dict[str, tuple[Tensors, Metadata]], overw
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return [(folder / n, True) for n in files]
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write any other file (e.g. a PNG image) atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

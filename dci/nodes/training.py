@@ -6,6 +6,7 @@ from ..comfyui.concept import ConceptRef, apply_concept
 from ..comfyui.folders import concepts_folder
 from ..comfyui.training.loop import train_concept
 from ..comfyui.training.loss_curve import loss_curve_image
+from ..comfyui.training.preview import Previews, parse_prompts, preview_folder
 from ..comfyui.training.settings import (
     AUTOCAST,
     DEFAULTS,
@@ -62,7 +63,7 @@ class DCITrainConcept:
         d = DEFAULTS
         return {
             "required": {
-                "model": spec("MODEL", "The SD1.x or SD2.x model to customise; it is not modified."),
+                "model": spec("MODEL", "The SD1.x, SD2.x or SDXL model to customise; it is not modified."),
                 "clip": spec("CLIP", "Its text encoder; it is not modified."),
                 "vae": spec("VAE", "Its VAE, to encode the images once before training."),
                 "images": spec("IMAGE", "Photos of the concept (3-12 is typical): an IMAGE batch, or the image list "
@@ -121,6 +122,14 @@ class DCITrainConcept:
                 "mask": spec("MASK", "Foreground masks of the concept images (1 = the concept; one for all or one "
                              "per image, same size as its image): the loss counts only the masked parts, as the "
                              "official Infusion code does. Any mode."),
+                "preview_every": spec("INT", "Every N steps, sample one fixed-seed preview image per preview prompt "
+                                      "with the concept as it stands (8 Euler steps at the training resolution), "
+                                      "show them on the node and save them as PNGs beside the loss curve in "
+                                      "output/concept_training/<save_name>/. 0: no previews.",
+                                      default=0, min=0, max=LIMITS["steps"][1]),
+                "preview_prompts": spec("STRING", "The preview prompts, one per line, with the trigger word; empty: "
+                                        "'a photo of <trigger> <class noun>' and '<trigger> <class noun> on the "
+                                        "beach'.", multiline=True, default=""),
             },
         }
 
@@ -143,7 +152,7 @@ class DCITrainConcept:
     def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
                suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
                gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
-               reg_captions="", unlock_keys=False, masks=None):
+               reg_captions="", unlock_keys=False, masks=None, preview_every=0, preview_prompts=""):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)
@@ -159,12 +168,20 @@ class DCITrainConcept:
             checkpoint_every=checkpoint_every, reg_captions=captions if reg_images is not None else [],
             unlock_keys=unlock_keys,
         )
+        if not isinstance(preview_every, int) or isinstance(preview_every, bool) or preview_every < 0:
+            raise ValueError(f"{node}: preview_every must be a whole number of steps, 0 for none; got {preview_every!r}")
         with reported(node, TrainingError, *CONCEPT_ERRORS):
+            folder, subfolder = preview_folder(save_name)
+            previews = Previews(preview_every, parse_prompts(preview_prompts, settings.trigger, class_noun), folder,
+                                subfolder, seed=seed)
             result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
-                                   overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks)
+                                   overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks,
+                                   previews=previews)
             model_out, clip_out, _ = apply_concept(result.concept, model, clip, name=result.path.name)
         ref = ConceptRef.of(result.path.name, result.concept)
-        return (model_out, clip_out, ref, loss_curve_image(result.losses))
+        shown = [n for n in previews.shown if n.startswith("preview")] + [previews.save_loss_curve(result.losses)]
+        ui = [{"filename": n, "subfolder": previews.subfolder, "type": "output"} for n in shown]
+        return {"ui": {"images": ui}, "result": (model_out, clip_out, ref, loss_curve_image(result.losses))}
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCITrainConcept)

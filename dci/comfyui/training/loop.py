@@ -40,6 +40,7 @@ from ...method.infusion import token_mask as infusion_rows
 from .. import seams
 from ..concept import base_fingerprint, base_kv_weights
 from .plan import Plan, plan_training
+from .preview import Previews
 from .settings import AUTOCAST, RESIDUAL_LR_SCALE, WEIGHT_DECAY, TrainingError, TrainSettings
 from .unet import (
     ROWS_KEY,
@@ -107,8 +108,9 @@ class TrainingRun:
     """One training run: everything set up in the constructor, the steps in ``train``."""
 
     def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step,
-                 masks=None):
+                 masks=None, previews: Previews | None = None):
         self.plan, self.model, self.clip, self.vae, self.s = plan, model, clip, vae, settings
+        self.previews = previews if previews is not None and previews.every > 0 else None
         self.on_step = on_step
         self.t0 = time.time()
         self.device = model.load_device
@@ -139,7 +141,8 @@ class TrainingRun:
             self.patcher = infusion_patcher(model, self.trained.residuals)
         else:
             self.patcher = training_patcher(model, self.trained.deltas, self.text.length)
-        self.patcher.set_additional_models(TEXT_ENCODER_KEY, [clip.patcher])
+        # the text encoder (and, for previews, the VAE) load beside the UNet for the whole run
+        self.patcher.set_additional_models(TEXT_ENCODER_KEY, [clip.patcher] + ([vae.patcher] if self.previews else []))
         self.sampling = self.patcher.get_model_object("model_sampling")
         self.num_timesteps = int(self.sampling.sigmas.shape[0])
 
@@ -382,6 +385,10 @@ class TrainingRun:
         pbar = comfy.utils.ProgressBar(s.steps)
         if self.done:
             pbar.update_absolute(min(self.done, s.steps), s.steps)
+
+        def preview_tick() -> None:  # every sampling step of a preview: Cancel works, progress stays alive
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(self.done, s.steps)
         try:
             with gradient_checkpointing(self.patcher.model.diffusion_model, s.gradient_checkpointing):
                 while self.done < s.steps:
@@ -390,6 +397,9 @@ class TrainingRun:
                     pbar.update_absolute(self.done, s.steps)
                     if s.checkpoint_every and self.done % s.checkpoint_every == 0 and self.done < s.steps:
                         self.checkpoint()
+                    if self.previews is not None and self.previews.due(self.done):
+                        row = self.previews.make(self, preview_tick)
+                        pbar.update_absolute(self.done, s.steps, self.previews.live(row))
         except mm.InterruptProcessingException:
             log.info("training of %r interrupted at step %d; saving a checkpoint", s.trigger, self.done)
             self.checkpoint()
@@ -413,8 +423,12 @@ class TrainingRun:
 
 def train_concept(model, clip, vae, images, settings: TrainSettings, folder: str | os.PathLike, name: str,
                   overwrite: bool = False, resume: bool = False, reg_images=None,
-                  on_step: Callable[[int, int, float], None] | None = None, masks=None) -> TrainResult:
-    """Train (or resume) a concept and save it; returns the saved concept. See the module docstring."""
+                  on_step: Callable[[int, int, float], None] | None = None, masks=None,
+                  previews: Previews | None = None) -> TrainResult:
+    """Train (or resume) a concept and save it; returns the saved concept. See the module docstring.
+    ``previews``: sample images every N steps (``preview.Previews``)."""
     plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images, masks)
+    if previews is not None:
+        previews.start(resume)
     with torch.inference_mode(False), torch.enable_grad():
-        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks).run()
+        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks, previews).run()
