@@ -144,4 +144,6 @@ def apply_concept(concept: Concept, model_patcher, clip, strength_model: float =
             clip_out = add_trigger(clip, concept.trigger, concept.tokens, strength_clip)
             if marks is not None:
                 clip_out = infusion.mark_clip(clip_out, marks, clip_out.tokenizer.triggers[-1].vectors)
+            for more in concept.more:  # a jointly trained file: every trigger is registered
+                clip_out = add_trigger(clip_out, more.trigger, more.tokens, strength_clip)
     return model_out, clip_out, warnings

@@ -111,6 +111,9 @@ def refuse_residuals(concept: Concept) -> None:
         raise ConceptFileError("this is an Infusion concept: its residual vectors act only at the trigger word's "
                                "tokens, which a LoRA or a Custom Diffusion folder can't express; load it with DCI "
                                "Load Concept instead")
+    if concept.more:
+        raise ConceptFileError(f"this file holds {1 + len(concept.more)} jointly trained triggers; the export formats "
+                               "carry one trigger's embedding: load it with DCI Load Concept instead")
 
 
 def export_lora_and_embedding(concept: Concept, model_patcher, lora_path: Path, embedding_path: Path,

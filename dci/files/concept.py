@@ -19,9 +19,16 @@ key                                             shape                meaning
                                                                      projection's output at the trigger's
                                                                      tokens (``.to_k``: the same for keys, when
                                                                      trained with unlocked keys)
+``token.<encoder>.<j>``, ``token_init.…``       [k, width]           format 2: the token rows of the file's
+                                                                     j-th further trigger (j = 1, 2, …)
 ==============================================  ===================  ==========================================
 
 Metadata (safetensors string metadata): see ``REQUIRED_METADATA`` and ``Concept.metadata``.
+
+Several concepts trained jointly (one run, shared K/V deltas) make one file with several triggers: the first is
+``trigger``/``class_noun`` as always, the others are listed in the ``more_triggers`` metadata (JSON: a list of
+``{"trigger", "class_noun"}``) with their rows under ``token.<encoder>.<j>``. Such a file is format 2, so
+versions of the pack that can't register every trigger refuse it; single-trigger files stay format 1.
 
 Plain torch + safetensors: no ComfyUI import.
 """
@@ -42,7 +49,8 @@ import torch
 from .atomic import write_safetensors
 
 FORMAT_NAME = "dci-concept"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes (2: several triggers)
+SINGLE_TRIGGER_VERSION = 1  # what files with one trigger are written as
 SUFFIX = ".safetensors"
 TRAIN_STATE_SUFFIX = ".train-state.safetensors"  # resume state written beside a concept by the trainer
 
@@ -63,6 +71,16 @@ class ConceptFileError(ValueError):
 
 
 @dataclass
+class MoreTrigger:
+    """A further trigger of a jointly trained concept file: its word, class noun and token rows."""
+
+    trigger: str
+    class_noun: str
+    tokens: dict[str, torch.Tensor]
+    token_init: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class Concept:
     """One learned concept: K/V deltas, trigger-token embeddings, optional ICO contexts, and metadata."""
 
@@ -79,6 +97,13 @@ class Concept:
     training: dict = field(default_factory=dict)
     extra_metadata: dict[str, str] = field(default_factory=dict)
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # "<attn2 key>.to_v" / ".to_k" → [inner]
+    more: list[MoreTrigger] = field(default_factory=list)  # further triggers (joint training), in order
+
+    @property
+    def triggers(self) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+        """(trigger, class noun, token rows) of every trigger, the first one first."""
+        return [(self.trigger, self.class_noun, self.tokens)] + [(m.trigger, m.class_noun, m.tokens)
+                                                                 for m in self.more]
 
     @property
     def num_tokens(self) -> int:
@@ -93,7 +118,7 @@ class Concept:
     def metadata(self) -> dict[str, str]:
         meta = {
             "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(FORMAT_VERSION if self.more else SINGLE_TRIGGER_VERSION),
             "family": self.family,
             "architecture": self.architecture,
             "base_fingerprint": self.base_fingerprint,
@@ -105,6 +130,8 @@ class Concept:
             "steps": str(self.steps),
             "training": json.dumps(self.training, sort_keys=True),
         }
+        if self.more:
+            meta["more_triggers"] = json.dumps([{"trigger": m.trigger, "class_noun": m.class_noun} for m in self.more])
         meta.update(self.extra_metadata)
         return meta
 
@@ -115,6 +142,9 @@ class Concept:
         out.update({TOKEN_INIT_PREFIX + k: v for k, v in self.token_init.items()})
         out.update({CONTEXT_PREFIX + k: v for k, v in self.contexts.items()})
         out.update({RESIDUAL_PREFIX + k: v for k, v in self.residuals.items()})
+        for j, m in enumerate(self.more, start=1):
+            out.update({f"{TOKEN_PREFIX}{k}.{j}": v for k, v in m.tokens.items()})
+            out.update({f"{TOKEN_INIT_PREFIX}{k}.{j}": v for k, v in m.token_init.items()})
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def validate(self) -> None:
@@ -146,6 +176,19 @@ class Concept:
             widths[enc] = t.shape[1]
         if len({t.shape[0] for t in self.tokens.values()}) > 1:
             raise ConceptFileError("the text encoders disagree on the number of modifier tokens")
+        words = [self.trigger.lower()]
+        for m in self.more:
+            check_trigger(m.trigger)
+            if m.trigger.lower() in words:
+                raise ConceptFileError(f"the trigger word {m.trigger!r} appears twice in one concept file")
+            words.append(m.trigger.lower())
+            if not m.class_noun.strip():
+                raise ConceptFileError(f"the class noun of trigger {m.trigger!r} is empty")
+            if {k: tuple(v.shape) for k, v in m.tokens.items()} != {k: tuple(v.shape) for k, v in self.tokens.items()}:
+                raise ConceptFileError(f"the token rows of trigger {m.trigger!r} do not match the first trigger's "
+                                       "encoders and shapes")
+            if any(k not in m.tokens or v.shape != m.tokens[k].shape for k, v in m.token_init.items()):
+                raise ConceptFileError(f"the starting rows of trigger {m.trigger!r} do not match its token rows")
         for enc, t in self.token_init.items():
             if enc not in self.tokens or t.shape != self.tokens[enc].shape:
                 raise ConceptFileError(f"{TOKEN_INIT_PREFIX}{enc}: shape does not match {TOKEN_PREFIX}{enc}")
@@ -291,10 +334,12 @@ def load_concept(path: str | os.PathLike) -> Concept:
         raise ConceptFileError(f"{path.name} could not be read: {e}") from None
     try:
         training = json.loads(meta.get("training") or "{}")
+        listed = json.loads(meta.get("more_triggers") or "[]")
     except json.JSONDecodeError:
-        raise ConceptFileError(f"{path.name}: the 'training' metadata is not valid JSON") from None
+        raise ConceptFileError(f"{path.name}: the 'training' or 'more_triggers' metadata is not valid JSON") from None
+    more = _more_triggers(path, listed, tensors)
     known = {"format", "format_version", "family", "architecture", "base_fingerprint", "trigger", "class_noun",
-             "num_tokens", "encoders", "method", "steps", "training", "created"}
+             "num_tokens", "encoders", "method", "steps", "training", "created", "more_triggers"}
     concept = Concept(
         family=meta["family"],
         trigger=meta["trigger"],
@@ -309,6 +354,7 @@ def load_concept(path: str | os.PathLike) -> Concept:
         steps=int(meta.get("steps") or 0),
         training=training,
         extra_metadata={k: v for k, v in meta.items() if k not in known},
+        more=more,
     )
     unknown = [k for k in tensors
                if not k.startswith((KV_PREFIX, TOKEN_PREFIX, TOKEN_INIT_PREFIX, CONTEXT_PREFIX, RESIDUAL_PREFIX))]
@@ -322,5 +368,29 @@ def load_concept(path: str | os.PathLike) -> Concept:
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    # "token_init." does not start with "token." (underscore, not dot), so the prefixes never overlap
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    # "token_init." does not start with "token." (underscore, not dot), so the prefixes never overlap;
+    # "token.<encoder>.<j>" belong to further triggers (``_more_triggers``)
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if prefix in (TOKEN_PREFIX, TOKEN_INIT_PREFIX):
+        out = {k: v for k, v in out.items() if "." not in k}
+    return out
+
+
+def _more_triggers(path: Path, listed, tensors: dict[str, torch.Tensor]) -> list[MoreTrigger]:
+    """The further triggers the metadata lists, with their rows; rows no listed trigger owns are an error."""
+    if not isinstance(listed, list) or not all(isinstance(x, dict) and isinstance(x.get("trigger"), str)
+                                               and isinstance(x.get("class_noun"), str) for x in listed):
+        raise ConceptFileError(f"{path.name}: 'more_triggers' must list objects with a trigger and a class noun")
+    more = []
+    for j, x in enumerate(listed, start=1):
+        rows = {p: {k[len(p):].rsplit(".", 1)[0]: v for k, v in tensors.items()
+                    if k.startswith(p) and k.endswith(f".{j}") and k.count(".") == 2}
+                for p in (TOKEN_PREFIX, TOKEN_INIT_PREFIX)}
+        more.append(MoreTrigger(x["trigger"], x["class_noun"], rows[TOKEN_PREFIX], rows[TOKEN_INIT_PREFIX]))
+    owned = {f"{p}{k}.{j}" for j, m in enumerate(more, start=1) for p, d in
+             ((TOKEN_PREFIX, m.tokens), (TOKEN_INIT_PREFIX, m.token_init)) for k in d}
+    stray = [k for k in tensors if k.startswith((TOKEN_PREFIX, TOKEN_INIT_PREFIX)) and k.count(".") == 2
+             and k not in owned]
+    if stray:
+        raise ConceptFileError(f"{path.name} holds token rows of no listed trigger: {', '.join(stray[:5])}")
+    return more

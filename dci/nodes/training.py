@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from ..comfyui.concept import ConceptRef, apply_concept
 from ..comfyui.folders import concepts_folder
 from ..comfyui.training.loop import train_concept
@@ -15,9 +19,23 @@ from ..comfyui.training.settings import (
     TrainingError,
     TrainSettings,
 )
+from ..files.concept import ConceptFileError, check_trigger
 from ..method import ico
 from .common import SEED_MAX, check_clip, check_model, check_vae, register, reported, spec
 from .concepts import CONCEPT_ERRORS, CONCEPT_TYPE
+
+DATASET_TYPE = "DCI_CONCEPT_DATASET"
+
+
+@dataclass(frozen=True)
+class ConceptDataset:
+    """One further concept of a joint training run: its photos (a list of IMAGE batches, any sizes), optional
+    masks, class noun and trigger word."""
+
+    images: tuple
+    class_noun: str
+    trigger: str
+    masks: tuple | None = None
 
 
 def _captions(text: str) -> list[str]:
@@ -130,11 +148,21 @@ class DCITrainConcept:
                 "preview_prompts": spec("STRING", "The preview prompts, one per line, with the trigger word; empty: "
                                         "'a photo of <trigger> <class noun>' and '<trigger> <class noun> on the "
                                         "beach'.", multiline=True, default=""),
+                "more_concepts": spec(DATASET_TYPE, "Joint training: further concepts from chained DCI Concept "
+                                      "Dataset nodes, each with its own photos, class noun and trigger word. One "
+                                      "run trains them all (shared key/value weights, one token set per trigger) "
+                                      "into one file; loading it registers every trigger. ico and "
+                                      "custom_diffusion modes."),
             },
         }
 
-    def train(self, images, reg_images=None, mask=None, **inputs):
+    def train(self, images, reg_images=None, mask=None, more_concepts=None, **inputs):
         node = self.DISPLAY_NAME
+        more_concepts = [m for m in more_concepts or [] if m is not None]
+        more = list(more_concepts[0]) if more_concepts else []
+        if more_concepts and len(more_concepts) != 1:
+            raise ValueError(f"{node}: 'more_concepts' got a list of {len(more_concepts)} values; chain the DCI "
+                             "Concept Dataset nodes instead")
         single = {}
         for name, value in inputs.items():
             if len(value) != 1:
@@ -147,12 +175,26 @@ class DCITrainConcept:
             batch = ico.collect_images(images, res)
             reg = ico.collect_images(reg_images, res) if reg_images else None
             masks = ico.collect_masks(mask, res) if mask else None
-        return self._train(images=batch, reg_images=reg, masks=masks, **single)
+            if more:  # joint training: the further concepts' photos follow the first concept's
+                parts = [(batch, masks)] + [(ico.collect_images(c.images, res),
+                                             ico.collect_masks(c.masks, res) if c.masks else None) for c in more]
+                for (b, m), c in zip(parts[1:], more, strict=True):
+                    if m is not None and m.shape[0] not in (1, b.shape[0]):
+                        raise ValueError(f"the concept {c.trigger!r} has {b.shape[0]} photos but {m.shape[0]} "
+                                         "masks: give one mask for all or one per photo")
+                if any(m is not None for _, m in parts):
+                    masks = torch.cat([torch.ones(b.shape[0], res, res) if m is None else m.expand(b.shape[0], -1, -1)
+                                       if m.shape[0] == 1 else m for b, m in parts])
+                batch = torch.cat([b for b, _ in parts])
+        joint = [{"trigger": c.trigger, "class_noun": c.class_noun, "images": sum(int(x.shape[0]) for x in c.images)}
+                 for c in more]
+        return self._train(images=batch, reg_images=reg, masks=masks, more_concepts=joint, **single)
 
     def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
                suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
                gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
-               reg_captions="", unlock_keys=False, masks=None, preview_every=0, preview_prompts=""):
+               reg_captions="", unlock_keys=False, masks=None, preview_every=0, preview_prompts="",
+               more_concepts=()):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)
@@ -166,14 +208,14 @@ class DCITrainConcept:
             learning_rate=learning_rate, context_lr_multiplier=context_lr_multiplier, resolution=resolution,
             seed=seed, precision=precision, random_flip=random_flip, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, reg_captions=captions if reg_images is not None else [],
-            unlock_keys=unlock_keys,
+            unlock_keys=unlock_keys, more_concepts=list(more_concepts),
         )
         if not isinstance(preview_every, int) or isinstance(preview_every, bool) or preview_every < 0:
             raise ValueError(f"{node}: preview_every must be a whole number of steps, 0 for none; got {preview_every!r}")
         with reported(node, TrainingError, *CONCEPT_ERRORS):
             folder, subfolder = preview_folder(save_name)
-            previews = Previews(preview_every, parse_prompts(preview_prompts, settings.trigger, class_noun), folder,
-                                subfolder, seed=seed)
+            prompts = parse_prompts(preview_prompts, settings.trigger, class_noun, settings.more_concepts)
+            previews = Previews(preview_every, prompts, folder, subfolder, seed=seed)
             result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
                                    overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks,
                                    previews=previews)
@@ -184,4 +226,57 @@ class DCITrainConcept:
         return {"ui": {"images": ui}, "result": (model_out, clip_out, ref, loss_curve_image(result.losses))}
 
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCITrainConcept)
+class DCIConceptDataset:
+    """One more concept for joint training: photos, class noun and trigger word, chained."""
+
+    NODE_ID = "DCIConceptDataset"
+    DISPLAY_NAME = "DCI Concept Dataset"
+    CATEGORY = "concept/training"
+    DESCRIPTION = (
+        "One more concept for joint training in DCI Train Concept (its 'more_concepts' input), as Custom "
+        "Diffusion trains several concepts at once: the concept's photos, class noun and trigger word. Chain "
+        "several of these nodes for three or more concepts. The photos are prepared exactly as DCI Train "
+        "Concept's own images (centre-cropped to a square, resized to the training resolution)."
+    )
+    RETURN_TYPES = (DATASET_TYPE,)
+    RETURN_NAMES = ("more_concepts",)
+    OUTPUT_TOOLTIPS = ("This concept after the chained ones; connect to DCI Train Concept's more_concepts.",)
+    FUNCTION = "add"
+    INPUT_IS_LIST = True  # the photos may be the image list of Load Image Dataset from Folder
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": spec("IMAGE", "Photos of this concept: an IMAGE batch, or the image list of Load Image "
+                                        "Dataset from Folder (any sizes)."),
+                "class_noun": spec("STRING", "What this concept is, in one or two words.", default="cat"),
+                "trigger_word": spec("STRING", "Its own made-up trigger word (different from every other "
+                                     "concept's).", default="zwv"),
+            },
+            "optional": {
+                "mask": spec("MASK", "Foreground masks of these photos (one for all or one per photo): the loss "
+                             "counts only the masked parts."),
+                "more_concepts": spec(DATASET_TYPE, "Further concepts (a chained DCI Concept Dataset)."),
+            },
+        }
+
+    def add(self, images, class_noun, trigger_word, mask=None, more_concepts=None):
+        node = self.DISPLAY_NAME
+        more_concepts = [m for m in more_concepts or [] if m is not None]
+        if len(class_noun) != 1 or len(trigger_word) != 1 or (more_concepts and len(more_concepts) != 1):
+            raise ValueError(f"{node}: only the images and masks may be lists")
+        noun, trigger = class_noun[0].strip(), trigger_word[0].strip()
+        if not images or any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1 for x in images):
+            raise ValueError(f"{node}: no photos: connect an IMAGE batch or an image list")
+        if not noun:
+            raise ValueError(f"{node}: the class noun is empty: name what the concept is, e.g. 'cat' or 'mug'")
+        with reported(node, ConceptFileError):
+            check_trigger(trigger)
+        chain = tuple(more_concepts[0]) if more_concepts else ()
+        if trigger.lower() in (c.trigger.lower() for c in chain):
+            raise ValueError(f"{node}: the trigger word {trigger!r} is already used by a chained concept")
+        return ((*chain, ConceptDataset(tuple(images), noun, trigger, tuple(mask) if mask else None)),)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCITrainConcept, DCIConceptDataset)

@@ -33,7 +33,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ...files.concept import Concept, load_concept, save_concept
+from ...files.concept import Concept, MoreTrigger, load_concept, save_concept
 from ...files.train_state import TrainState, TrainStateError, load_state, save_state, state_path
 from ...method import ico
 from ...method.infusion import token_mask as infusion_rows
@@ -42,6 +42,7 @@ from ..concept import base_fingerprint, base_kv_weights
 from .plan import Plan, plan_training
 from .preview import Previews
 from .settings import AUTOCAST, RESIDUAL_LR_SCALE, WEIGHT_DECAY, TrainingError, TrainSettings
+from .trainables import Trainables, token_key
 from .unet import (
     ROWS_KEY,
     WRAPPER_KEY,
@@ -65,31 +66,6 @@ class TrainResult:
     losses: list[float]
     steps_done: int
     warnings: list[str]
-
-
-@dataclass
-class Trainables:
-    """The trained tensors, in the order the optimizer and the training state name them."""
-
-    deltas: dict[str, torch.Tensor]
-    tokens: dict[str, torch.Tensor]  # encoder → [k, width]
-    token_init: dict[str, torch.Tensor]
-    contexts: dict[str, torch.Tensor]  # "<encoder>.prefix" / "<encoder>.suffix" → [images, n, width]
-    residuals: dict[str, torch.Tensor]  # infusion: one vector per attn2 to_v (and to_k when unlocked)
-    train_tokens: bool = True
-
-    def named(self) -> list[tuple[str, torch.Tensor]]:
-        """Single-encoder runs keep the names of their training states without the encoder ("token",
-        "context.prefix"), so states saved before SDXL training existed still resume."""
-        single = len(self.tokens) == 1
-        named = [(f"kv_delta.{k}", v) for k, v in self.deltas.items()]
-        if self.train_tokens:
-            named += [("token" if single else f"token.{k}", v) for k, v in sorted(self.tokens.items())]
-        named += [(f"residual.{k}", v) for k, v in sorted(self.residuals.items())]
-        return named + [(f"context.{k.partition('.')[2] if single else k}", v) for k, v in sorted(self.contexts.items())]
-
-    def names(self) -> list[str]:
-        return [n for n, _ in self.named()]
 
 
 class TrainingSampler(comfy.samplers.Sampler):
@@ -117,6 +93,8 @@ class TrainingRun:
         self.text = plan.text
         self.autocast = AUTOCAST[settings.precision]
         self.images = ico.square_images(images.clone(), settings.resolution)
+        counts = [c["images"] for c in settings.more_concepts]
+        self.concept_of = [j for j, n in enumerate([self.images.shape[0] - sum(counts), *counts]) for _ in range(n)]
         self.reg_images = ico.square_images(reg_images.clone(), settings.resolution) if reg_images is not None else None
         extra = (() if self.reg_images is None else (self.reg_images,)) + (() if masks is None else (masks,))
         self.fingerprint = ico.tensor_fingerprint(self.images, *extra)
@@ -195,8 +173,9 @@ class TrainingRun:
         deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=self.device) for k, w in sorted(base.items())}
         residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
                      for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
-        rare = {k: r.detach().float().clone() for k, r in
-                text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).items()}
+        rare = {token_key(k, j): r.detach().float().clone() for k, r in
+                text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).items()
+                for j in range(1 + len(s.more_concepts))}  # every concept's trigger starts from the same rows
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
             g = torch.Generator().manual_seed(ico.sub_seed("contexts", s.seed))
@@ -228,9 +207,7 @@ class TrainingRun:
         t = self.trained
         for k in t.deltas:
             t.deltas[k] = concept.kv_deltas[k].float().to(self.device)
-        for k in t.tokens:
-            t.tokens[k] = concept.tokens[k].float().to(self.device)
-            t.token_init[k] = concept.token_init.get(k, t.token_init[k])
+        t.load_tokens(concept, self.device)
         for k in t.residuals:
             t.residuals[k] = concept.residuals[k].float().to(self.device)
         for k in t.contexts:
@@ -264,7 +241,9 @@ class TrainingRun:
                     suffix = t.contexts[f"{k}.suffix"][i] if f"{k}.suffix" in t.contexts else []
                 else:
                     prefix, suffix = p.prefix_entries[k], []
-                rows.append(ico.caption_entries(enc.special, prefix, t.tokens[k], p.class_entries[k], suffix))
+                j = self.concept_of[i]
+                rows.append(ico.caption_entries(enc.special, prefix, t.tokens[token_key(k, j)],
+                                                p.class_entries[j][k], suffix))
             out[k] = rows
         return out
 
@@ -337,8 +316,9 @@ class TrainingRun:
         return Concept(
             family=self.plan.family, trigger=s.trigger, class_noun=s.class_noun.strip(),
             kv_deltas={k: v.detach().float().cpu().clone() for k, v in t.deltas.items()},
-            tokens={k: v.detach().float().cpu().clone() for k, v in t.tokens.items()},
-            token_init={k: v.float().cpu().clone() for k, v in t.token_init.items()},
+            tokens=t.token_rows(0), token_init=t.token_rows(0, initial=True),
+            more=[MoreTrigger(c["trigger"], c["class_noun"].strip(), t.token_rows(j), t.token_rows(j, initial=True))
+                  for j, c in enumerate(s.more_concepts, start=1)],
             contexts={k: v.detach().float().cpu().clone() for k, v in t.contexts.items()},
             residuals={k: v.detach().float().cpu().clone() for k, v in t.residuals.items()},
             base_fingerprint=base_fingerprint(self.model), method=s.mode, steps=self.done, training=training,

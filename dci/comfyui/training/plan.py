@@ -27,7 +27,7 @@ class Plan:
     family: str
     prediction: str
     text: TextEncoders
-    class_entries: dict[str, list]
+    class_entries: list[dict[str, list]]  # per concept (the first, then settings.more_concepts)
     prefix: ico.ContextSpec
     suffix: ico.ContextSpec
     prefix_entries: dict[str, list]
@@ -111,17 +111,21 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
     text = TextEncoders(clip)
     _check_pairing(model, text, family)
     warnings = []
-    trigger = settings.trigger
-    if trigger.lower() in (w.lower() for w in existing_triggers(clip)):
-        raise TrainingError(f"the trigger word {trigger!r} is already used by another concept loaded on this CLIP; "
-                            "choose another one")
-    if text.is_vocabulary_word(trigger):
-        warnings.append(f"the trigger word {trigger!r} is an existing word of the text encoder's vocabulary; "
-                        "prompts that use it in its usual sense will get the concept instead (a made-up word "
-                        "like 'qxz' avoids that)")
-    class_entries = text.word_entries(settings.class_noun, "class noun")
-    if not class_entries[text.primary.key]:
-        raise TrainingError(f"the class noun {settings.class_noun!r} gives no tokens")
+    if sum(c["images"] for c in settings.more_concepts) >= images.shape[0]:
+        raise TrainingError("the further concepts' images leave none for the first concept")
+    class_entries = []
+    for trigger, noun in [(settings.trigger, settings.class_noun)] + [(c["trigger"], c["class_noun"])
+                                                                       for c in settings.more_concepts]:
+        if trigger.lower() in (w.lower() for w in existing_triggers(clip)):
+            raise TrainingError(f"the trigger word {trigger!r} is already used by another concept loaded on this "
+                                "CLIP; choose another one")
+        if text.is_vocabulary_word(trigger):
+            warnings.append(f"the trigger word {trigger!r} is an existing word of the text encoder's vocabulary; "
+                            "prompts that use it in its usual sense will get the concept instead (a made-up word "
+                            "like 'qxz' avoids that)")
+        class_entries.append(text.word_entries(noun, "class noun"))
+        if not class_entries[-1][text.primary.key]:
+            raise TrainingError(f"the class noun {noun!r} gives no tokens")
     if settings.mode == "ico":
         prefix, suffix = ico.parse_context_spec(settings.prefix), ico.parse_context_spec(settings.suffix)
     else:
@@ -133,8 +137,9 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
         n_prefix = len(prefix_entries[part.key]) if prefix.from_words else prefix.length
         n_suffix = len(suffix_entries[part.key]) if suffix.from_words else suffix.length
         try:
-            ico.caption_entries(part.special, [0] * n_prefix, torch.zeros(settings.num_tokens, part.width),
-                                class_entries[part.key], [0] * n_suffix)
+            for entries in class_entries:
+                ico.caption_entries(part.special, [0] * n_prefix, torch.zeros(settings.num_tokens, part.width),
+                                    entries[part.key], [0] * n_suffix)
         except ico.CaptionError as e:
             raise TrainingError(str(e)) from None
 

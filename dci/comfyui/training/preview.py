@@ -48,16 +48,18 @@ def preview_folder(save_name: str) -> tuple[Path, str]:
     return Path(folder_paths.get_output_directory()) / OUTPUT_SUBFOLDER / stem, f"{OUTPUT_SUBFOLDER}/{stem}"
 
 
-def default_prompts(trigger: str, class_noun: str) -> list[str]:
-    """The preview prompts when none are given: the concept alone and in a new setting."""
+def default_prompts(trigger: str, class_noun: str, more: list[dict] = ()) -> list[str]:
+    """The preview prompts when none are given: the concept alone and in a new setting (and each further
+    concept of a joint run alone)."""
     phrase = f"{trigger} {class_noun.strip()}"
-    return [f"a photo of {phrase}", f"{phrase} on the beach"]
+    return [f"a photo of {phrase}", f"{phrase} on the beach"] + [
+        f"a photo of {c['trigger']} {c['class_noun'].strip()}" for c in more]
 
 
-def parse_prompts(text: str, trigger: str, class_noun: str) -> list[str]:
+def parse_prompts(text: str, trigger: str, class_noun: str, more: list[dict] = ()) -> list[str]:
     """One prompt per line; empty: ``default_prompts``."""
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return prompts or default_prompts(trigger, class_noun)
+    return prompts or default_prompts(trigger, class_noun, more)
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -121,8 +123,9 @@ class Previews:
 
     def sample(self, run, on_step) -> torch.Tensor:
         """One preview image per prompt, ``[P, res, res, 3]``; ``on_step()`` runs before every sampling step."""
-        tokens = {k: v.detach().float() for k, v in run.trained.tokens.items()}
-        clip = add_trigger(run.clip, run.s.trigger, tokens)
+        clip = run.clip
+        for j, trigger in enumerate([run.s.trigger] + [c["trigger"] for c in run.s.more_concepts]):
+            clip = add_trigger(clip, trigger, run.trained.token_rows(j))
         sigmas = comfy.samplers.calculate_sigmas(run.sampling, SCHEDULER, STEPS).to(run.device)
         latent_shape = run.latents.shape[2:]
         images = []

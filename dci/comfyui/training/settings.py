@@ -61,6 +61,9 @@ class TrainSettings:
     checkpoint_every: int = 100
     reg_captions: list[str] = field(default_factory=list)
     unlock_keys: bool = False  # infusion: also a residual vector on the key projection (the official fast path)
+    # joint training: the further concepts, {"trigger", "class_noun", "images"} each, whose images follow the first
+    # concept's in the image batch, in this order
+    more_concepts: list[dict] = field(default_factory=list)
 
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the run it continues (steps may grow)."""
@@ -69,6 +72,8 @@ class TrainSettings:
             d.pop(k)
         if self.mode != "infusion":
             d.pop("unlock_keys")  # only infusion reads it (and states saved before it existed lack it)
+        if not self.more_concepts:
+            d.pop("more_concepts")  # states saved before joint training existed lack it
         return d
 
     def check(self) -> None:
@@ -91,8 +96,20 @@ class TrainSettings:
             raise TrainingError("the class noun is empty: name what the concept is, e.g. 'dog' or 'mug'")
         try:
             check_trigger(self.trigger)
+            for c in self.more_concepts:
+                check_trigger(c["trigger"])
         except ConceptFileError as e:
             raise TrainingError(str(e)) from None
+        words = [self.trigger.lower()] + [c["trigger"].lower() for c in self.more_concepts]
+        if len(set(words)) != len(words):
+            raise TrainingError("every concept of a joint training run needs its own trigger word")
+        if self.more_concepts and self.mode == "infusion":
+            raise TrainingError("joint training of several concepts supports the ico and custom_diffusion modes")
+        for c in self.more_concepts:
+            if not c["class_noun"].strip():
+                raise TrainingError(f"the class noun of the concept {c['trigger']!r} is empty")
+            if not isinstance(c["images"], int) or c["images"] < 1:
+                raise TrainingError(f"the concept {c['trigger']!r} has no images")
 
 
 DEFAULTS = TrainSettings(class_noun="dog", trigger="qxz")
