@@ -131,3 +131,14 @@ def test_sdxl_resume_after_an_interrupt_is_bit_exact_with_regularisation_images(
     for part in ("kv_deltas", "tokens", "contexts"):
         a, b = getattr(full.concept, part), getattr(resumed.concept, part)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_sdxl_custom_diffusion_and_infusion_train_and_load(sdxl):
+    comfy, model, clip, vae, images = sdxl
+    for mode in ("custom_diffusion", "infusion"):
+        (m, c, ref, curve), _ = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
+                                               save_name=f"t_sdxl_{mode}", **{**BASE, "mode": mode, "steps": 1})
+        concept = load_concept(concepts_folder() / f"t_sdxl_{mode}.safetensors")
+        assert concept.method == mode and set(concept.tokens) == {"clip_l", "clip_g"} and concept.contexts == {}
+        assert bool(concept.residuals) == (mode == "infusion") and bool(concept.kv_deltas) == (mode != "infusion")
+        assert torch.isfinite(dci_ksampler(comfy, m, c, ref)).all()
