@@ -36,8 +36,10 @@ Structure this pack reads (public attributes, but no documented contract):
    Guard: tests/nodes/test_dci_branches.py (w = 0 gives each image its own auxiliary row's output).
 7. Model families by config class name (``model.FAMILY_OF_CONFIG``). Guard: tests/nodes/test_info_node.py.
 8. The CLIP text model's modules and options (``training.text_encoder.text_forward``: embeddings, layers,
-   ``layer``/``layer_idx``/``layer_norm_hidden_state``). Guard: tests/nodes/test_trainer.py (reproduces
-   CLIPTextEncode).
+   ``layer``/``layer_idx``/``layer_norm_hidden_state``, ``return_projected_pooled``/``text_projection`` and the
+   pooled row at the first end token), SDXL's encoder order and ``SDXL.encode_adm``'s size keywords
+   (``TextEncoders``, ``TrainingRun._adm``). Guard: tests/nodes/test_trainer.py and test_trainer_sdxl.py
+   (reproduce CLIPTextEncode's context and pooled output).
 9. ``ResBlock``/``SpatialTransformer`` forward signatures, for gradient checkpointing
    (``training.unet.gradient_checkpointing``). Guard: tests/nodes/test_trainer.py (resume with
    checkpointing is bit-exact).

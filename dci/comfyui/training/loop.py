@@ -11,6 +11,10 @@ estimate), runs the patcher's pre-run and clean-up callbacks, and the sampler's 
 denoising. Afterwards the clone is released (``seams.release``). Training runs under ``inference_mode(False)``;
 latents and conditionings are computed once and cloned out of inference mode.
 
+SDXL: both text encoders' token rows and contexts train; the UNet also gets its ADM input (``_adm``). Joint
+training: several concepts' images follow each other in one batch (``concept_of``), each captioned with its
+own trigger's rows and class noun. Previews (``preview.Previews``) sample between steps.
+
 Resume: the concept file holds the trained tensors in fp32, ``files.train_state`` the optimizer moments, step,
 losses and scaler state. All randomness of step s comes from a generator seeded by (seed, s), so a resumed run
 continues bit for bit.
