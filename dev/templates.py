@@ -3,8 +3,10 @@
 Every workflow in ``workflows/api/`` except the toy-world ones names a checkpoint file as users have it
 (``REAL_MODELS``) at that model's native resolution. ``for_tiny`` turns such a graph into one the tests can run
 on the tiny generated checkpoints: the checkpoint name is swapped, every width/height/resolution at the real
-model's size becomes the tiny size, and step counts are capped, so a test executes the very graph a user loads
-with nothing else changed.
+model's size becomes the tiny size, step counts are capped, and model loaders with no tiny counterpart
+(``NO_TINY_MODEL``: a CLIP vision model is hundreds of MB) are taken out with the optional links to them (DCI
+Wasserstein then measures on the toy-world descriptors), so a test executes the very graph a user loads with
+nothing else changed.
 
     graph = for_tiny(load("dci_vs_plain"))                       # tiny_sd15.safetensors at 64×64
     graph = for_tiny(load("sdxl_train_and_sample"), family="sdxl")
@@ -24,9 +26,10 @@ REAL_MODELS = {
     "sdxl": ("sd_xl_base_1.0.safetensors", 1024, "tiny_sdxl.safetensors", 64),
 }
 SIZE_INPUTS = ("width", "height", "resolution", "target_width", "target_height")
-STEP_INPUTS = {"steps", "max_steps"}
+STEP_INPUTS = {"steps", "max_steps", "sample_steps"}
 CHECKPOINT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name"}
 TRAINERS = {"DCITrainConcept"}  # their 'steps' are training steps
+NO_TINY_MODEL = {"CLIPVisionLoader"}
 
 
 class TemplateError(ValueError):
@@ -65,8 +68,13 @@ def for_tiny(graph: dict, *, max_steps: int = 2, max_train_steps: int = 3) -> di
             for name in SIZE_INPUTS:
                 if inputs.get(name) == size:
                     inputs[name] = tiny_size
+    dropped = {k for k, n in out.items() if n["class_type"] in NO_TINY_MODEL}
+    for k in dropped:
+        del out[k]
     for node in out.values():
         inputs = node["inputs"]
+        for name in [n for n, v in inputs.items() if isinstance(v, list) and v and v[0] in dropped]:
+            del inputs[name]
         cap = max_train_steps if node["class_type"] in TRAINERS else max_steps
         for name in STEP_INPUTS & inputs.keys():
             if isinstance(inputs[name], int) and inputs[name] > cap:

@@ -88,7 +88,7 @@ def test_every_template_runs_on_the_tiny_models(server, comfy, tiny_checkpoint, 
         pytest.skip("no tiny checkpoint file of this family is generated for the server yet")
     _prepare(server, comfy, tiny_checkpoint.name, graph)
     result = server.client().run(graph, timeout=900)
-    assert result.status == "success", result.error
+    assert result.status == "success", (result.error or {}).get("exception_message", result.error)
     outputs = result.outputs()
     expected = {k for k, n in graph.items() if n["class_type"] in OUTPUT_NODES}
     assert expected and expected <= set(outputs), f"no output from {sorted(expected - set(outputs))}"
