@@ -189,7 +189,7 @@ def main() -> int:
             rank = max(1, min(128, round((ours["trainable"] - ours["lora_fixed"]) / ours["lora_per_rank"])))
             theirs = run_worker("trainlora", res, steps, rank, args, checkpoints[arch])
             tag = "" if arch == "sd15" else f" {arch}"
-            sizes.append((f"{res}{tag}", ours["file_bytes"], theirs["file_bytes"]))
+            sizes.append((f"{res}px{tag}", ours["file_bytes"], theirs["file_bytes"]))
             rows.append((f"DCITrainConcept ico{tag}", "-", ours, res))
             rows.append((f"TrainLoraNode{tag}", rank, theirs, res))
             step_ratio = ours["sec_per_step"] / theirs["sec_per_step"]
@@ -205,7 +205,7 @@ def main() -> int:
         print(f"{name:25} {rank!s:>4} {res:>4} {r['steps']:>5} {r['trainable']:>10} {r['sec_per_step']:8.3f} "
               f"{r['setup_and_first']:9.1f} {r['peak_rss_mb']:8.0f} {r['peak_rss_mb'] - r['rss_before_mb']:9.0f}")
     for res, ours_bytes, lora_bytes in sizes:
-        print(f"concept file ({res}px run): {ours_bytes / 2**20:.2f} MiB; Train LoRA tensors in fp32: "
+        print(f"concept file ({res} run): {ours_bytes / 2**20:.2f} MiB; Train LoRA tensors in fp32: "
               f"{lora_bytes / 2**20:.2f} MiB")
     for line in lines:
         print(line)

@@ -133,11 +133,13 @@ def test_sdxl_resume_after_an_interrupt_is_bit_exact_with_regularisation_images(
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_sdxl_custom_diffusion_and_infusion_train_and_load(sdxl):
+def test_sdxl_custom_diffusion_and_infusion_train_with_previews_and_load(sdxl):
     comfy, model, clip, vae, images = sdxl
     for mode in ("custom_diffusion", "infusion"):
-        (m, c, ref, curve), _ = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
-                                               save_name=f"t_sdxl_{mode}", **{**BASE, "mode": mode, "steps": 1})
+        (m, c, ref, curve), ui = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
+                                                save_name=f"t_sdxl_{mode}", **{**BASE, "mode": mode, "steps": 1},
+                                                preview_every=1)
+        assert [i["filename"] for i in ui["images"]] == ["preview_step000001.png", "loss_curve.png"]
         concept = load_concept(concepts_folder() / f"t_sdxl_{mode}.safetensors")
         assert concept.method == mode and set(concept.tokens) == {"clip_l", "clip_g"} and concept.contexts == {}
         assert bool(concept.residuals) == (mode == "infusion") and bool(concept.kv_deltas) == (mode != "infusion")
