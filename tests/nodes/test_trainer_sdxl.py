@@ -144,3 +144,16 @@ def test_sdxl_custom_diffusion_and_infusion_train_with_previews_and_load(sdxl):
         assert concept.method == mode and set(concept.tokens) == {"clip_l", "clip_g"} and concept.contexts == {}
         assert bool(concept.residuals) == (mode == "infusion") and bool(concept.kv_deltas) == (mode != "infusion")
         assert torch.isfinite(dci_ksampler(comfy, m, c, ref)).all()
+
+
+def test_sdxl_joint_training_of_two_concepts(sdxl):
+    comfy, model, clip, vae, images = sdxl
+    cats = [torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(8))]
+    (more,), _ = comfy.run_node_lists("DCIConceptDataset", images=cats, class_noun=["cat"], trigger_word=["zwv"])
+    (m, c, ref, curve), _ = comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images,
+                                           save_name="t_sdxl_joint", more_concepts=more[0], **BASE)
+    concept = load_concept(concepts_folder() / "t_sdxl_joint.safetensors")
+    assert [(x.trigger, sorted(x.tokens)) for x in concept.more] == [("zwv", ["clip_g", "clip_l"])]
+    assert concept.contexts["clip_g.prefix"].shape == (3, 3, 96) and existing_triggers(c) == ["qxz", "zwv"]
+    cat = [t[0] for t in c.tokenize("a zwv cat")["g"][0] if isinstance(t[0], torch.Tensor)]
+    assert torch.equal(cat[0], concept.more[0].tokens["clip_g"][0])
