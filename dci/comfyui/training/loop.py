@@ -362,6 +362,7 @@ class TrainingRun:
         """The steps, with the UNet and text encoder loaded by ComfyUI; checkpoints on schedule and on Cancel."""
         s = self.s
         self.text.prepare()
+        self.text.checkpointing = s.gradient_checkpointing
         autograd_safe(self.patcher.model)
         autograd_safe(self.clip.cond_stage_model)
         log.info("training concept %r (%s): %d trainable values, steps %d→%d, set-up %.1fs", s.trigger, s.mode,

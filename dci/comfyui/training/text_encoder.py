@@ -24,12 +24,19 @@ from ..tokenizer import base_tokenizer
 from .settings import TrainingError
 
 
-def text_forward(module, embeds: torch.Tensor, eos: list[int] | None = None):
+def _layer(layer, x, mask, attention):
+    x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def text_forward(module, embeds: torch.Tensor, eos: list[int] | None = None, checkpointing: bool = False):
     """``[B, 77, width]`` input embeddings → the output ``module`` (a ComfyUI ``SDClipModel``) gives for them.
 
     The output layer follows the module's own options (last layer, or a hidden layer with or without the final
-    norm), as CLIPTextEncode would use them. With ``eos`` (each row's first end-token position) it returns
-    ``(output, pooled)``, the pooled output as ``SDClipModel`` gives it (projected when the module says so).
+    norm), as CLIPTextEncode would use them; layers after it run only when the pooled output needs them. With
+    ``eos`` (each row's first end-token position) it returns ``(output, pooled)``, the pooled output as
+    ``SDClipModel`` gives it (projected when the module says so). ``checkpointing``: each layer is recomputed
+    in the backward pass instead of keeping its activations and its cast weights.
     """
     tm = module.transformer.text_model
     x = embeds + cast_to(tm.embeddings.position_embedding.weight, dtype=torch.float32, device=embeds.device)
@@ -42,17 +49,21 @@ def text_forward(module, embeds: torch.Tensor, eos: list[int] | None = None):
         wanted = len(layers) + wanted
     hidden = None
     for i, layer in enumerate(layers):
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
-        x = x + layer.mlp(layer.layer_norm2(x))
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, mask, attention, use_reentrant=False)
+        else:
+            x = _layer(layer, x, mask, attention)
         if i == wanted:
             hidden = x
-    x = tm.final_layer_norm(x)
+            if eos is None and module.layer != "last":
+                break
     if module.layer == "last":
-        out = x.float()
+        out = tm.final_layer_norm(x).float()
     else:
         out = (tm.final_layer_norm(hidden) if module.layer_norm_hidden_state else hidden).float()
     if eos is None:
         return out
+    x = tm.final_layer_norm(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), torch.tensor(eos, device=x.device)]
     if module.return_projected_pooled:
         pooled = module.transformer.text_projection(pooled)
@@ -158,6 +169,7 @@ class TextEncoders:
             raise TrainingError("the text encoders of this CLIP take captions of different lengths")
         self.length = self.primary.special.length
         self.pooled_key = POOLED_FROM if POOLED_FROM in self.by_key else None
+        self.checkpointing = False  # recompute the layers in the backward pass (the run's gradient checkpointing)
 
     def word_entries(self, text: str, what: str) -> dict[str, list]:
         return {p.key: p.word_entries(text, what) for p in self.parts}
@@ -180,9 +192,10 @@ class TextEncoders:
         for p in self.parts:
             embeds = p.embed(captions[p.key])
             if p.key == self.pooled_key:
-                out, pooled = text_forward(p.module, embeds, [first_end(e, p.special.end) for e in captions[p.key]])
+                out, pooled = text_forward(p.module, embeds, [first_end(e, p.special.end) for e in captions[p.key]],
+                                           self.checkpointing)
             else:
-                out = text_forward(p.module, embeds)
+                out = text_forward(p.module, embeds, checkpointing=self.checkpointing)
             outs.append(out)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), pooled
 
