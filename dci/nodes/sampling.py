@@ -8,6 +8,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..comfyui.sampling.apply import apply_dci
 from ..comfyui.sampling.guider import build_guider
 from ..comfyui.sampling.prompt import DCIError, encode_dci_prompt
 from ..method.branches import GUIDANCE_MODES, DCIPlan
@@ -59,9 +60,9 @@ def _advanced_options() -> dict:
     }
 
 
-def _guider(node: str, model, positive, negative, cfg, split, lam, aux_map, guidance, aux_seed, tau=DBIM.tau,
-            kappa=DBIM.kappa, normalization=DBIM.normalization, aux_model=None):
-    """The checked inputs of both sampling nodes → a DCI guider."""
+def _checked(node: str, model, split, lam, aux_map, guidance, aux_seed, tau=DBIM.tau, kappa=DBIM.kappa,
+             normalization=DBIM.normalization, aux_model=None) -> tuple[DCIPlan, DBIMSettings]:
+    """The checked DCI inputs of every sampling node → (plan, DBIM settings)."""
     check_model(node, model)
     if aux_model is not None:
         check_model(node, aux_model, "aux_model")
@@ -69,6 +70,12 @@ def _guider(node: str, model, positive, negative, cfg, split, lam, aux_map, guid
         settings = DBIMSettings(tau=float(tau), kappa=float(kappa), lam=float(lam), reading=aux_map,
                                 normalization=normalization)
         plan = DCIPlan(split=float(split), guidance=guidance, aux_seed=int(aux_seed))
+    return plan, settings
+
+
+def _guider(node: str, model, positive, negative, cfg, aux_model=None, **dci):
+    """The checked inputs of both sampling nodes → a DCI guider."""
+    plan, settings = _checked(node, model, aux_model=aux_model, **dci)
     with reported(node, DCIError):
         return build_guider(model, positive, negative, cfg, plan, settings, aux_model=aux_model)
 
@@ -208,4 +215,38 @@ class DCIGuiderNode:
         return (_guider(self.DISPLAY_NAME, model, positive, negative, cfg, **dci),)
 
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIPromptEncode, DCIKSampler, DCIGuiderNode)
+class DCIApply:
+    """DCI for the stock samplers: a MODEL that runs the two-branch phase in whatever sampler samples it."""
+
+    NODE_ID = "DCIApply"
+    DISPLAY_NAME = "DCI Apply"
+    CATEGORY = "concept/sampling"
+    DESCRIPTION = (
+        "Puts DCI on a MODEL, so that the stock KSampler, KSamplerAdvanced, SamplerCustomAdvanced (with any guider "
+        "built from this MODEL) and other packs' samplers that use ComfyUI's sampling run the concept and the "
+        "auxiliary branch in the noisy early part of the schedule, as DCI KSampler does with the same settings. "
+        "The sampler's positive must come from DCI Prompt Encode (otherwise it samples plainly and logs one "
+        "warning). split = 0 is the input MODEL's own sampling."
+    )
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A copy of the MODEL that samples with DCI; the input MODEL is left unchanged.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": spec("MODEL", "The model with the concept (from DCI Load Concept)."),
+                **_dci_options(),
+            },
+            "optional": _advanced_options(),
+        }
+
+    def apply(self, model, aux_model=None, **dci):
+        node = self.DISPLAY_NAME
+        plan, settings = _checked(node, model, aux_model=aux_model, **dci)
+        with reported(node, DCIError):
+            return (apply_dci(model, plan, settings, aux_model=aux_model),)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIPromptEncode, DCIKSampler, DCIGuiderNode, DCIApply)

@@ -101,6 +101,8 @@ def patch_attention(model_patcher, aux_kv: bool) -> None:
     existing = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for layer in cross_attention_layers(model_patcher):
         inner = existing.get(layer.patch_key) or existing.get(layer.block)
+        if isinstance(inner, DBIMPatch):  # a MODEL from DCI Apply: one blend, not two
+            inner = inner.inner
         model_patcher.set_model_attn2_replace(DBIMPatch(layer, inner), layer.block[0], layer.block[1], layer.depth)
 
 
