@@ -10,7 +10,7 @@ import latent_preview
 
 from ..comfyui.sampling.apply import apply_dci
 from ..comfyui.sampling.guider import build_guider
-from ..comfyui.sampling.prompt import DCIError, encode_dci_prompt
+from ..comfyui.sampling.prompt import CONCEPT_MAPS, DCIError, encode_dci_prompt
 from ..method.branches import GUIDANCE_MODES, DCIPlan
 from ..method.dbim import NORMALIZATIONS, READINGS, DBIMSettings
 from ..method.token_spans import default_aux_noun
@@ -112,19 +112,42 @@ class DCIPromptEncode:
                 "concept": spec(CONCEPT_TYPE, "From DCI Load Concept: gives the phrase (trigger + class noun)."),
                 "concept_phrase": spec("STRING", "The phrase naming the concept in the prompt, e.g. 'sks dog'; "
                                        "overrides the concept input.", default=""),
+                "concept_2": spec(CONCEPT_TYPE, "Optional second concept in the same prompt (from a second, "
+                                  "chained DCI Load Concept): gives its phrase."),
+                "concept_phrase_2": spec("STRING", "The second concept's phrase in the prompt, e.g. 'zwx mug'; "
+                                         "overrides concept_2. Empty and no concept_2 = one concept.", default=""),
+                "auxiliary_noun_2": spec("STRING", "The common noun that replaces the second concept's phrase in "
+                                         "the auxiliary prompt. Empty = automatic (another noun than the first "
+                                         "concept's).", default=""),
+                "concept_maps": spec(list(CONCEPT_MAPS), "With two concepts: 'separate' protects each concept "
+                                     "by its own attention map, as strongly as a lone concept; 'union' protects "
+                                     "the area of all concept words together (one map shared by both). No effect "
+                                     "with one concept.", default="separate"),
             },
         }
 
-    def encode(self, clip, text, auxiliary_noun, concept=None, concept_phrase=""):
+    def encode(self, clip, text, auxiliary_noun, concept=None, concept_phrase="", concept_2=None,
+               concept_phrase_2="", auxiliary_noun_2="", concept_maps="separate"):
         node = self.DISPLAY_NAME
         check_clip(node, clip)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{node}: the prompt is empty")
-        phrase = (concept_phrase or "").strip() or (concept.phrase if concept is not None else "")
-        class_noun = concept.class_noun if concept is not None else phrase.split()[-1] if phrase else ""
+        phrase, class_noun = _phrase(concept, concept_phrase)
         aux = (auxiliary_noun or "").strip() or default_aux_noun(class_noun, text)
+        phrase_2, class_noun_2 = _phrase(concept_2, concept_phrase_2)
+        more = ()
+        if phrase_2:
+            aux_2 = (auxiliary_noun_2 or "").strip() or default_aux_noun(class_noun_2, f"{text} {aux} {class_noun}")
+            more = ((phrase_2, aux_2),)
         with reported(node, ValueError):
-            return (encode_dci_prompt(clip, text, phrase, aux),)
+            return (encode_dci_prompt(clip, text, phrase, aux, more=more, maps=concept_maps),)
+
+
+def _phrase(concept, typed: str) -> tuple[str, str]:
+    """A concept's (phrase, class noun): the typed phrase if any, else the concept's."""
+    phrase = (typed or "").strip() or (concept.phrase if concept is not None else "")
+    class_noun = concept.class_noun if concept is not None else phrase.split()[-1] if phrase else ""
+    return phrase, class_noun
 
 
 class DCIKSampler:

@@ -46,7 +46,8 @@ class DCIRun:
             c_len, a_len = d.concept_mask.shape[0], d.aux_noun_mask.shape[0]
             if length % c_len or length % a_len:
                 raise DCIError(f"context length {length} is not a multiple of the prompt lengths {c_len}/{a_len}")
-            self.masks[length] = (tile_mask(d.concept_mask, length), tile_mask(d.prompt_mask, length),
+            concepts = [tile_mask(m, length) for m in d.dbim_concepts]
+            self.masks[length] = (concepts[0] if len(concepts) == 1 else concepts, tile_mask(d.prompt_mask, length),
                                   tile_mask(d.aux_noun_mask, length), tile_mask(d.aux_prompt_mask, length))
         return self.masks[length]
 
