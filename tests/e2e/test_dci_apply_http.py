@@ -1,5 +1,5 @@
-"""The DCI Apply workflow through a real server: the stock KSampler runs DCI, reports every step, and draws
-what DCI KSampler draws with the same settings."""
+"""The DCI Apply and two-concept workflows through a real server: the stock KSampler runs DCI, reports every
+step and draws what DCI KSampler draws with the same settings; one prompt holds two chained concepts."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from dev.fixtures import random_concept
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "dci_apply_stock_ksampler.json"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
+WORKFLOW = WORKFLOWS / "dci_apply_stock_ksampler.json"
 
 
 @pytest.fixture(scope="module")
 def concept_on_server(server, comfy, tiny_checkpoint):
     model, clip, _ = comfy.run_node("CheckpointLoaderSimple", ckpt_name=tiny_checkpoint.name)[0]
-    save_concept(random_concept(model, clip), server.base / "models" / "concepts", "my_concept", overwrite=True)
+    folder = server.base / "models" / "concepts"
+    save_concept(random_concept(model, clip), folder, "my_concept", overwrite=True)
+    save_concept(random_concept(model, clip, trigger="zwx", class_noun="mug", seed=1), folder, "my_second_concept",
+                 overwrite=True)
     return server
 
 
@@ -57,3 +61,15 @@ def test_the_stock_ksampler_with_dci_apply_draws_what_dci_ksampler_draws(concept
     plain["9"]["inputs"]["filename_prefix"] = "dci/apply_plain"
     stock, _ = picture(client, plain)
     assert (stock != applied).any()
+
+
+def test_two_concepts_in_one_prompt(concept_on_server):
+    client = concept_on_server.client()
+    graph = json.loads((WORKFLOWS / "two_concepts_one_prompt.json").read_text())
+    graph["7"]["inputs"].update(steps=4, split=0.5, lam=1.0)
+    separate, result = picture(client, graph)
+    assert [v for v, _ in result.progress(node="7")] == [1, 2, 3, 4]
+    graph["4"]["inputs"]["concept_maps"] = "union"
+    graph["9"]["inputs"]["filename_prefix"] = "dci/two_concepts_union"
+    union, _ = picture(client, graph)
+    assert (separate != union).any()
