@@ -168,6 +168,34 @@ def test_sampler_custom_advanced_with_cfg_and_basic_guiders(comfy, tiny_sd15):
     assert not torch.equal(out, custom(comfy, basic_plain, m, lat))
 
 
+def test_a_guider_of_another_shape_dual_cfg(comfy, tiny_sd15, caplog):
+    """DualCFGGuider passes [negative, middle, positive] to calc_cond_batch: the DCI positive is found at index 2;
+    with two other conds shared guidance can't pick the unconditional one, so it runs as separate, with a
+    warning once per run."""
+    m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
+    (middle,), _ = comfy.run_node("CLIPTextEncode", clip=tiny_sd15[1], text="a photo")
+
+    def dual(model):
+        (g,), _ = comfy.run_node("DualCFGGuider", model=model, cond1=pos, cond2=middle, negative=neg, cfg_conds=4.0,
+                                 cfg_cond2_negative=2.0, style="regular")
+        return custom(comfy, g, m, lat)
+
+    reference = dual(m)
+    with caplog.at_level(logging.WARNING):
+        shared = dual(applied(comfy, m, guidance="shared"))
+    assert caplog.text.count("shared guidance needs exactly one unconditional") == 1
+    assert torch.isfinite(shared).all() and not torch.equal(shared, reference)
+    assert torch.equal(shared, dual(applied(comfy, m, guidance="separate")))
+    assert torch.equal(dual(applied(comfy, m, split=0.0)), reference)
+
+
+def test_a_combined_positive_is_refused_clearly(comfy, tiny_sd15):
+    m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
+    (combined,), _ = comfy.run_node("ConditioningCombine", conditioning_1=pos, conditioning_2=plain)
+    with pytest.raises(ValueError, match="DCI Apply: DCI needs exactly one positive conditioning entry"):
+        ksampler(comfy, "KSampler", applied(comfy, m), combined, neg, lat)
+
+
 def test_the_input_model_is_unchanged_and_dci_nodes_on_an_applied_model_blend_once(comfy, tiny_sd15):
     m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
     before = ksampler(comfy, "KSampler", m, pos, neg, lat)

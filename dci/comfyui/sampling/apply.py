@@ -100,14 +100,17 @@ class DCIApplyWrappers:
         threshold = phase_end_sigma(guider.model_patcher, plan.split)
         if two_branch_steps(sigmas, threshold) == 0:
             return executor(*args, latent_shapes=latent_shapes)
-        key = dci_cond_key(guider.conds)
-        if key is None:
-            log.warning(NO_DCI_POSITIVE)
-            return executor(*args, latent_shapes=latent_shapes)
-        if latent_shapes is not None and len(latent_shapes) > 1:
-            raise DCIError("DCI Apply does not support nested (multi-part) latents")
-        b = noise.shape[0]
-        mixed, data, length = mixed_positive(_raw(guider.conds[key]), b)
+        try:
+            key = dci_cond_key(guider.conds)
+            if key is None:
+                log.warning(NO_DCI_POSITIVE)
+                return executor(*args, latent_shapes=latent_shapes)
+            if latent_shapes is not None and len(latent_shapes) > 1:
+                raise DCIError("nested (multi-part) latents are not supported")
+            b = noise.shape[0]
+            mixed, data, length = mixed_positive(_raw(guider.conds[key]), b)
+        except DCIError as e:
+            raise DCIError(f"DCI Apply: {e}") from None
         mixed[0][1][MIXED_MARK] = True
         guider.conds[MIXED_KEY] = comfy.sampler_helpers.convert_cond(mixed)
         state = ApplyRun(DCIRun(self.apply.settings, data, length, aux_kv=self.apply.aux_kv), b, threshold, key,
