@@ -3,7 +3,6 @@ websocket, nothing is written, and the server goes on serving (an import/export 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dev import templates
+
 pytestmark = pytest.mark.e2e
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
 
 
 def load_api(name: str) -> dict:
-    return json.loads((WORKFLOWS / name).read_text())
+    """A shipped template, on the tiny checkpoint."""
+    return templates.for_tiny(templates.load(name))
 
 
 def files_under(*roots: Path) -> set[str]:

@@ -4,17 +4,15 @@ step and draws what DCI KSampler draws with the same settings; one prompt holds 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from dci.files.concept import save_concept
+from dev import templates
 from dev.fixtures import random_concept
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
-WORKFLOW = WORKFLOWS / "dci_apply_stock_ksampler.json"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ def picture(client, graph):
 
 def test_the_stock_ksampler_with_dci_apply_draws_what_dci_ksampler_draws(concept_on_server):
     client = concept_on_server.client()
-    graph = json.loads(WORKFLOW.read_text())
+    graph = templates.for_tiny(templates.load("dci_apply_stock_ksampler"))
     graph["6"]["inputs"].update(split=0.5, lam=1.0)
     graph["7"]["inputs"]["steps"] = 6
     applied, result = picture(client, graph)
@@ -65,7 +63,7 @@ def test_the_stock_ksampler_with_dci_apply_draws_what_dci_ksampler_draws(concept
 
 def test_two_concepts_in_one_prompt(concept_on_server):
     client = concept_on_server.client()
-    graph = json.loads((WORKFLOWS / "two_concepts_one_prompt.json").read_text())
+    graph = templates.for_tiny(templates.load("two_concepts_one_prompt"))
     graph["7"]["inputs"].update(steps=4, split=0.5, lam=1.0)
     separate, result = picture(client, graph)
     assert [v for v, _ in result.progress(node="7")] == [1, 2, 3, 4]

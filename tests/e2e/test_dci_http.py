@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import pytest
 
 from dci.files.concept import save_concept
+from dev import templates
 from dev.fixtures import random_concept
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "dci_vs_plain.json"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +23,7 @@ def concept_on_server(server, comfy, tiny_checkpoint):
 
 def test_dci_vs_plain_runs_with_progress_every_step(concept_on_server):
     server = concept_on_server
-    graph = json.loads(WORKFLOW.read_text())
+    graph = templates.for_tiny(templates.load("dci_vs_plain"))
     for node in ("6", "7"):
         graph[node]["inputs"]["steps"] = 6
     client = server.client()
@@ -42,7 +40,7 @@ def test_dci_vs_plain_runs_with_progress_every_step(concept_on_server):
 
 def test_interrupt_stops_dci_sampling(concept_on_server):
     server = concept_on_server
-    graph = json.loads(WORKFLOW.read_text())
+    graph = templates.for_tiny(templates.load("dci_vs_plain"))
     graph["7"]["inputs"]["steps"] = 2000
     graph["6"]["inputs"]["steps"] = 1
     client = server.client()

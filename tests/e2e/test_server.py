@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dev import templates
 from dev.comfy_client import ComfyError
 
 pytestmark = pytest.mark.e2e
@@ -15,7 +16,8 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
 
 def load_api(name: str) -> dict:
-    return json.loads((WORKFLOWS / "api" / name).read_text())
+    """A shipped template, on the tiny checkpoint."""
+    return templates.for_tiny(templates.load(name), max_steps=8)
 
 
 def test_object_info_lists_our_nodes(server):
@@ -64,8 +66,14 @@ def _client_cli(server, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+def tiny_workflow_file(tmp_path) -> str:
+    path = tmp_path.parent / f"{tmp_path.name}_model_info_and_sample.json"
+    path.write_text(json.dumps(load_api("model_info_and_sample.json")))
+    return str(path)
+
+
 def test_headless_client_queues_overrides_follows_and_downloads(server, tmp_path):
-    wf = str(WORKFLOWS / "api" / "model_info_and_sample.json")
+    wf = tiny_workflow_file(tmp_path)
     run = _client_cli(server, wf, "--set", "3.steps=3", "--set", "KSampler.seed=5", "--set",
                       "2.text=a red ball", "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
@@ -78,7 +86,7 @@ def test_headless_client_queues_overrides_follows_and_downloads(server, tmp_path
 
 
 def test_headless_client_reports_errors_readably(server, tmp_path):
-    wf = str(WORKFLOWS / "api" / "model_info_and_sample.json")
+    wf = tiny_workflow_file(tmp_path)
     bad = _client_cli(server, wf, "--set", "1.ckpt_name=missing.safetensors", "--out", str(tmp_path))
     assert bad.returncode == 1
     assert "node 1 (CheckpointLoaderSimple)" in bad.stderr and "missing.safetensors" in bad.stderr

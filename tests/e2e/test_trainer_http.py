@@ -4,18 +4,16 @@ every step, and Cancel (``POST /interrupt``) mid-training leaving a loadable, re
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
 from dci.files.concept import TRAIN_STATE_SUFFIX, load_concept
+from dev import templates
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "api" / "train_concept.json"
 TRAINER = "10"
 
 
@@ -25,24 +23,20 @@ def trainable(server, tiny_checkpoint):
     from PIL import Image
 
     name = tiny_checkpoint.name
-    inputs = server.base / "input"
-    inputs.mkdir(exist_ok=True)
+    folder = server.base / "input" / templates.load("train_concept")["2"]["inputs"]["folder"]
+    folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    for i in (1, 2):
-        pixels = (torch.rand(72, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(inputs / f"dci_concept_{i}.png")
+    for i, (h, w) in enumerate([(72, 96), (80, 64)], start=1):  # photos of different sizes, as users have them
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"dci_concept_{i}.png")
     return name
 
 
 def graph(ckpt: str, save_name: str, steps: int) -> dict:
-    g = json.loads(WORKFLOW.read_text())
-    g["1"]["inputs"]["ckpt_name"] = ckpt
-    for node in ("7", "13"):
-        g[node]["inputs"].update(width=64, height=64)
+    g = templates.for_tiny(templates.load("train_concept"))
+    assert g["1"]["inputs"]["ckpt_name"] == ckpt
     g["7"]["inputs"]["batch_size"] = 2
-    g["8"]["inputs"]["steps"] = 2
-    g["14"]["inputs"]["steps"] = 2
-    g[TRAINER]["inputs"].update(steps=steps, resolution=64, save_name=save_name, checkpoint_every=0)
+    g[TRAINER]["inputs"].update(steps=steps, save_name=save_name)
     return g
 
 

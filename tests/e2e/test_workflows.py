@@ -45,3 +45,11 @@ def test_the_server_lists_the_workflows_as_templates(server):
     for name in templates["comfyui_dci"]:
         status, raw = server.client().request("GET", f"/api/workflow_templates/comfyui_dci/{name}.json")
         assert status == 200 and json.loads(raw)["nodes"]
+
+
+def test_every_template_has_a_thumbnail_the_server_serves(server):
+    for path in UI_FILES:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"{thumb.name} is missing: run dev/thumbnails.py (see its docstring)"
+        status, raw = server.client().request("GET", f"/api/workflow_templates/comfyui_dci/{thumb.name}")
+        assert status == 200 and raw[:3] == b"\xff\xd8\xff", thumb.name  # a JPEG, as the template browser asks

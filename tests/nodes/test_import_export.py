@@ -4,7 +4,6 @@ documented key layouts) import, sample and round-trip bit-exactly; exports load 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from dci.comfyui.concept import base_kv_weights
 from dci.comfyui.tokenizer import text_encoder_widths
 from dci.files.concept import load_concept
+from dev import templates
 from dev.fixtures import random_concept, write_concept
 from dev.foreign_files import (
     assert_same_concept,
@@ -33,8 +33,6 @@ from dev.foreign_files import (
     write_adobe,
     write_diffusers,
 )
-
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -325,7 +323,8 @@ def test_sources_names_and_choices_are_validated(comfy, tiny_sd15, tmp_path):
 
 # -- example workflows ------------------------------------------------------------------------------------------
 def _workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / name).read_text())
+    """A shipped template, on the tiny checkpoint."""
+    return templates.for_tiny(templates.load(name))
 
 
 def test_load_concept_and_sample_workflow_runs(comfy, tiny_checkpoint):
