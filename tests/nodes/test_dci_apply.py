@@ -189,6 +189,22 @@ def test_a_guider_of_another_shape_dual_cfg(comfy, tiny_sd15, caplog):
     assert torch.equal(dual(applied(comfy, m, split=0.0)), reference)
 
 
+def test_a_model_evaluation_that_bypasses_calc_cond_batch_warns_once(comfy, tiny_sd15, caplog):
+    """A sampler_calc_cond_batch_function that skips ComfyUI's calc_cond_batch (and so its wrappers) can't get
+    the blend: one warning per run says so, instead of a silent no-op."""
+    import comfy.samplers as samplers
+
+    m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
+    bypassing = applied(comfy, m).clone()
+    bypassing.model_options["sampler_calc_cond_batch_function"] = lambda a: samplers._calc_cond_batch(
+        a["model"], a["conds"], a["input"], a["sigma"], a["model_options"])
+    with caplog.at_level(logging.WARNING):
+        ksampler(comfy, "KSampler", applied(comfy, m), pos, neg, lat)
+        assert "without the blend" not in caplog.text
+        ksampler(comfy, "KSampler", bypassing, pos, neg, lat)
+    assert caplog.text.count("evaluated the model without ComfyUI's calc_cond_batch") == 1
+
+
 def test_a_combined_positive_is_refused_clearly(comfy, tiny_sd15):
     m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
     (combined,), _ = comfy.run_node("ConditioningCombine", conditioning_1=pos, conditioning_2=plain)

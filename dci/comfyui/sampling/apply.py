@@ -139,12 +139,18 @@ class DCIApplyWrappers:
         conds = guider.conds
         original = conds[state.key]
         conds[state.key] = conds[MIXED_KEY]
+        reached = [False]  # set by the CALC_COND_BATCH wrapper when it finds the mixed cond
         options = dict(model_options)
-        options["transformer_options"] = {**model_options.get("transformer_options", {}), PHASE_KEY: True}
+        options["transformer_options"] = {**model_options.get("transformer_options", {}), PHASE_KEY: reached}
         try:
-            return executor(x, timestep, options, seed)
+            out = executor(x, timestep, options, seed)
         finally:
             conds[state.key] = original
+        if not reached[0]:
+            state.run.warn_once("bypass", "DCI Apply: this sampler's guider evaluated the model without ComfyUI's "
+                                          "calc_cond_batch (or without the DCI prompt); the two branches ran "
+                                          "without the blend")
+        return out
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         transformer_options = model_options.get("transformer_options", {})
@@ -156,6 +162,7 @@ class DCIApplyWrappers:
             state.run.warn_once("mixed", "DCI Apply: the guider did not pass the DCI prompt to the model as one "
                                          "conditioning; this evaluation runs without the two-branch blend")
             return executor(model, conds, x_in, timestep, model_options)
+        transformer_options[PHASE_KEY][0] = True
         others = [i for i, c in enumerate(conds) if c is not None and i != mixed[0]]
         if state.shared and len(others) > 1:
             state.run.warn_once("shared", "DCI Apply: shared guidance needs exactly one unconditional "
