@@ -85,6 +85,21 @@ def test_cfg_one_and_partial_denoise_equal_dci_ksampler(comfy, tiny_sd15, kw):
     assert not torch.equal(stock, ksampler(comfy, "KSampler", m, pos, neg, lat, **kw))
 
 
+def test_batch_index_and_noise_mask_latents_equal_dci_ksampler(comfy, tiny_sd15):
+    """A latent picked from a batch (its batch_index draws its own noise, for the auxiliary rows too) and an
+    inpainting latent with a noise mask (the mask covers both branches' rows)."""
+    m, pos, plain, neg, lat = prepared(comfy, tiny_sd15, batch=2)
+    picked = {"samples": lat["samples"][:1], "batch_index": [3]}
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0
+    (masked,), _ = comfy.run_node("SetLatentNoiseMask", samples=lat, mask=mask)
+    model = applied(comfy, m)
+    for latent in (picked, masked):
+        ours = ksampler(comfy, "DCIKSampler", m, pos, neg, latent, **DCI)
+        assert torch.equal(ksampler(comfy, "KSampler", model, pos, neg, latent), ours)
+        assert not torch.equal(ours, ksampler(comfy, "KSampler", m, pos, neg, latent))
+
+
 def test_aux_model_matches_dci_ksampler(comfy, tiny_sd15):
     base = tiny_sd15[0]
     m, pos, plain, neg, lat = prepared(comfy, tiny_sd15)
