@@ -53,6 +53,11 @@ Structure this pack reads (public attributes, but no documented contract):
     modules in ``output_blocks``; a sampler callback's ``x`` is the latent at ``sigmas[i]`` (the trajectory).
     Guard: tests/nodes/test_retouch.py (the run itself as both sources reproduces it; cond/uncond rows of a
     batch; the trajectory's first latent is the seed's noise).
+13. DCI Apply (``sampling/apply.py``): the OUTER_SAMPLE and PREDICT_NOISE wrappers reach the guider as
+    ``executor.class_obj``; its ``conds`` dict holds the run's converted conds (``convert_cond``) when
+    OUTER_SAMPLE runs, is processed after it (so an added cond is processed too) and is read by
+    ``predict_noise`` at every evaluation; ``model_options`` is the run's own copy during ``outer_sample``.
+    Guard: tests/nodes/test_dci_apply.py (the stock KSampler on a DCI Apply model equals DCI KSampler).
 """
 
 from __future__ import annotations

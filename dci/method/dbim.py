@@ -21,7 +21,7 @@ and T context tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +166,7 @@ def dbim_weights(
     p_c: torch.Tensor,
     p_a: torch.Tensor | None,
     *,
-    concept_tokens: torch.Tensor,
+    concept_tokens: torch.Tensor | Sequence[torch.Tensor],
     aux_tokens: torch.Tensor | None,
     prompt_tokens_c: torch.Tensor,
     prompt_tokens_a: torch.Tensor | None,
@@ -184,7 +184,10 @@ def dbim_weights(
     Args:
         p_c, p_a: attention probabilities [B, heads, N, T] of the concept and auxiliary conditional rows;
             ``p_a`` may be None when ``lam == 0``, because then the auxiliary map has no effect.
-        concept_tokens: [T] or [B, T] mask of the concept phrase's tokens (V* and the class noun).
+        concept_tokens: [T] or [B, T] mask of the concept phrase's tokens (V* and the class noun); or a
+            sequence of such masks, one per concept of the prompt: each concept's map m_c is then normalised on
+            its own and M_c is their maximum at each pixel, so every concept is protected as strongly as a lone
+            concept would be (pass one mask of all their tokens for the union instead).
         aux_tokens: [T] or [B, T] mask of the tokens the auxiliary map sums over; build it with
             ``auxiliary_map_tokens`` for the chosen reading. Ignored when ``lam == 0``. A row without any
             token gives m_a = 0 there (a uniform M_a).
@@ -203,15 +206,20 @@ def dbim_weights(
     if p_c.dim() != 4:
         raise ValueError(f"P of the concept branch must be [B, heads, N, T]; got {tuple(p_c.shape)}")
     b, _, _, t = p_c.shape
-    concept = _as_token_mask(concept_tokens, b, t, "concept_tokens")
+    concepts = [concept_tokens] if isinstance(concept_tokens, torch.Tensor) else list(concept_tokens)
+    if not concepts:
+        raise ValueError("no concept mask given")
     prompt_c = _as_token_mask(prompt_tokens_c, b, t, "prompt_tokens_c")
-    if not bool((concept & prompt_c).flatten(1).any(1).all()):
-        raise ValueError(
-            "the concept mask is empty (or lies outside the prompt tokens) in some row: the concept phrase "
-            "was not found in the concept branch's tokens, so DBIM has nothing to protect"
-        )
-    m_c = _token_map(p_c, prompt_tokens_c, concept_tokens, tau, "concept")
-    logit = normalize(m_c, tau, kappa)
+    logit = None
+    for tokens in concepts:
+        concept = _as_token_mask(tokens, b, t, "concept_tokens")
+        if not bool((concept & prompt_c).flatten(1).any(1).all()):
+            raise ValueError(
+                "the concept mask is empty (or lies outside the prompt tokens) in some row: the concept phrase "
+                "was not found in the concept branch's tokens, so DBIM has nothing to protect"
+            )
+        m_c = normalize(_token_map(p_c, prompt_tokens_c, tokens, tau, "concept"), tau, kappa)
+        logit = m_c if logit is None else torch.maximum(logit, m_c)
     if lam != 0.0:
         if p_a is None or aux_tokens is None or prompt_tokens_a is None:
             raise ValueError("lam != 0 needs p_a, aux_tokens and prompt_tokens_a of the auxiliary branch")
@@ -282,7 +290,7 @@ class DBIMSettings:
         p_c: torch.Tensor,
         p_a: torch.Tensor | None,
         *,
-        concept_tokens: torch.Tensor,
+        concept_tokens: torch.Tensor | Sequence[torch.Tensor],
         aux_noun_tokens: torch.Tensor | None,
         prompt_tokens_c: torch.Tensor,
         prompt_tokens_a: torch.Tensor | None,

@@ -8,8 +8,9 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..comfyui.sampling.apply import apply_dci
 from ..comfyui.sampling.guider import build_guider
-from ..comfyui.sampling.prompt import DCIError, encode_dci_prompt
+from ..comfyui.sampling.prompt import CONCEPT_MAPS, DCIError, encode_dci_prompt
 from ..method.branches import GUIDANCE_MODES, DCIPlan
 from ..method.dbim import NORMALIZATIONS, READINGS, DBIMSettings
 from ..method.token_spans import default_aux_noun
@@ -59,9 +60,9 @@ def _advanced_options() -> dict:
     }
 
 
-def _guider(node: str, model, positive, negative, cfg, split, lam, aux_map, guidance, aux_seed, tau=DBIM.tau,
-            kappa=DBIM.kappa, normalization=DBIM.normalization, aux_model=None):
-    """The checked inputs of both sampling nodes → a DCI guider."""
+def _checked(node: str, model, split, lam, aux_map, guidance, aux_seed, tau=DBIM.tau, kappa=DBIM.kappa,
+             normalization=DBIM.normalization, aux_model=None) -> tuple[DCIPlan, DBIMSettings]:
+    """The checked DCI inputs of every sampling node → (plan, DBIM settings)."""
     check_model(node, model)
     if aux_model is not None:
         check_model(node, aux_model, "aux_model")
@@ -69,6 +70,12 @@ def _guider(node: str, model, positive, negative, cfg, split, lam, aux_map, guid
         settings = DBIMSettings(tau=float(tau), kappa=float(kappa), lam=float(lam), reading=aux_map,
                                 normalization=normalization)
         plan = DCIPlan(split=float(split), guidance=guidance, aux_seed=int(aux_seed))
+    return plan, settings
+
+
+def _guider(node: str, model, positive, negative, cfg, aux_model=None, **dci):
+    """The checked inputs of both sampling nodes → a DCI guider."""
+    plan, settings = _checked(node, model, aux_model=aux_model, **dci)
     with reported(node, DCIError):
         return build_guider(model, positive, negative, cfg, plan, settings, aux_model=aux_model)
 
@@ -105,19 +112,42 @@ class DCIPromptEncode:
                 "concept": spec(CONCEPT_TYPE, "From DCI Load Concept: gives the phrase (trigger + class noun)."),
                 "concept_phrase": spec("STRING", "The phrase naming the concept in the prompt, e.g. 'sks dog'; "
                                        "overrides the concept input.", default=""),
+                "concept_2": spec(CONCEPT_TYPE, "Optional second concept in the same prompt (from a second, "
+                                  "chained DCI Load Concept): gives its phrase."),
+                "concept_phrase_2": spec("STRING", "The second concept's phrase in the prompt, e.g. 'zwx mug'; "
+                                         "overrides concept_2. Empty and no concept_2 = one concept.", default=""),
+                "auxiliary_noun_2": spec("STRING", "The common noun that replaces the second concept's phrase in "
+                                         "the auxiliary prompt. Empty = automatic (another noun than the first "
+                                         "concept's).", default=""),
+                "concept_maps": spec(list(CONCEPT_MAPS), "With two concepts: 'separate' protects each concept "
+                                     "by its own attention map, as strongly as a lone concept; 'union' protects "
+                                     "the area of all concept words together (one map shared by both). No effect "
+                                     "with one concept.", default="separate"),
             },
         }
 
-    def encode(self, clip, text, auxiliary_noun, concept=None, concept_phrase=""):
+    def encode(self, clip, text, auxiliary_noun, concept=None, concept_phrase="", concept_2=None,
+               concept_phrase_2="", auxiliary_noun_2="", concept_maps="separate"):
         node = self.DISPLAY_NAME
         check_clip(node, clip)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{node}: the prompt is empty")
-        phrase = (concept_phrase or "").strip() or (concept.phrase if concept is not None else "")
-        class_noun = concept.class_noun if concept is not None else phrase.split()[-1] if phrase else ""
+        phrase, class_noun = _phrase(concept, concept_phrase)
         aux = (auxiliary_noun or "").strip() or default_aux_noun(class_noun, text)
+        phrase_2, class_noun_2 = _phrase(concept_2, concept_phrase_2)
+        more = ()
+        if phrase_2:
+            aux_2 = (auxiliary_noun_2 or "").strip() or default_aux_noun(class_noun_2, f"{text} {aux} {class_noun}")
+            more = ((phrase_2, aux_2),)
         with reported(node, ValueError):
-            return (encode_dci_prompt(clip, text, phrase, aux),)
+            return (encode_dci_prompt(clip, text, phrase, aux, more=more, maps=concept_maps),)
+
+
+def _phrase(concept, typed: str) -> tuple[str, str]:
+    """A concept's (phrase, class noun): the typed phrase if any, else the concept's."""
+    phrase = (typed or "").strip() or (concept.phrase if concept is not None else "")
+    class_noun = concept.class_noun if concept is not None else phrase.split()[-1] if phrase else ""
+    return phrase, class_noun
 
 
 class DCIKSampler:
@@ -208,4 +238,38 @@ class DCIGuiderNode:
         return (_guider(self.DISPLAY_NAME, model, positive, negative, cfg, **dci),)
 
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIPromptEncode, DCIKSampler, DCIGuiderNode)
+class DCIApply:
+    """DCI for the stock samplers: a MODEL that runs the two-branch phase in whatever sampler samples it."""
+
+    NODE_ID = "DCIApply"
+    DISPLAY_NAME = "DCI Apply"
+    CATEGORY = "concept/sampling"
+    DESCRIPTION = (
+        "Puts DCI on a MODEL, so that the stock KSampler, KSamplerAdvanced, SamplerCustomAdvanced (with any guider "
+        "built from this MODEL) and other packs' samplers that use ComfyUI's sampling run the concept and the "
+        "auxiliary branch in the noisy early part of the schedule, as DCI KSampler does with the same settings. "
+        "The sampler's positive must come from DCI Prompt Encode (otherwise it samples plainly and logs one "
+        "warning). split = 0 is the input MODEL's own sampling."
+    )
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A copy of the MODEL that samples with DCI; the input MODEL is left unchanged.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": spec("MODEL", "The model with the concept (from DCI Load Concept)."),
+                **_dci_options(),
+            },
+            "optional": _advanced_options(),
+        }
+
+    def apply(self, model, aux_model=None, **dci):
+        node = self.DISPLAY_NAME
+        plan, settings = _checked(node, model, aux_model=aux_model, **dci)
+        with reported(node, DCIError):
+            return (apply_dci(model, plan, settings, aux_model=aux_model),)
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIPromptEncode, DCIKSampler, DCIGuiderNode, DCIApply)

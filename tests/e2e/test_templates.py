@@ -51,9 +51,13 @@ def _photos(folder, n: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(folder / f"photo_{i}.png")
 
 
+CONCEPT_WORDS = (("sks", "dog"), ("zwx", "mug"))  # (trigger, class noun) of a graph's first, second concept
+
+
 def _prepare(server, comfy, ckpt: str, graph: dict) -> None:
     """The files the template's widgets name, in the server's folders."""
     base = server.base
+    concepts = 0
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "LoadImageDataSetFromFolder":
@@ -70,7 +74,10 @@ def _prepare(server, comfy, ckpt: str, graph: dict) -> None:
         elif kind == "DCILoadConcept":
             model, clip, _ = comfy.run_node("CheckpointLoaderSimple", ckpt_name=ckpt)[0]
             name = inputs["concept_name"].removesuffix(".safetensors")
-            save_concept(random_concept(model, clip), base / "models" / "concepts", name, overwrite=True)
+            trigger, noun = CONCEPT_WORDS[concepts]
+            concepts += 1
+            save_concept(random_concept(model, clip, trigger=trigger, class_noun=noun), base / "models" / "concepts",
+                         name, overwrite=True)
         elif kind == "DCIImportConcept":
             from dev.foreign_files import write_diffusers
 

@@ -37,18 +37,26 @@ class DCIRun:
     data: DCIPrompt
     context_length: int
     aux_kv: dict | None = None  # per layer (patch key): the attn2 K/V weights the auxiliary branch uses
-    masks: dict[int, tuple] = field(default_factory=dict)  # context length → tiled masks
+    masks: dict[tuple, tuple] = field(default_factory=dict)  # (context length, device) → tiled masks
     warned: set = field(default_factory=set)
 
-    def masks_for(self, length: int):
-        if length not in self.masks:
+    def masks_for(self, length: int, device=None):
+        """(concept mask or per-concept masks, prompt mask, auxiliary noun mask, auxiliary prompt mask) for a
+        context of ``length`` tokens, on ``device`` (that of the attention probabilities)."""
+        key = (length, str(device))
+        if key not in self.masks:
             d = self.data
             c_len, a_len = d.concept_mask.shape[0], d.aux_noun_mask.shape[0]
             if length % c_len or length % a_len:
                 raise DCIError(f"context length {length} is not a multiple of the prompt lengths {c_len}/{a_len}")
-            self.masks[length] = (tile_mask(d.concept_mask, length), tile_mask(d.prompt_mask, length),
-                                  tile_mask(d.aux_noun_mask, length), tile_mask(d.aux_prompt_mask, length))
-        return self.masks[length]
+
+            def tiled(mask):
+                return tile_mask(mask, length).to(device) if device is not None else tile_mask(mask, length)
+
+            concepts = [tiled(m) for m in d.dbim_concepts]
+            self.masks[key] = (concepts[0] if len(concepts) == 1 else concepts, tiled(d.prompt_mask),
+                               tiled(d.aux_noun_mask), tiled(d.aux_prompt_mask))
+        return self.masks[key]
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -84,7 +92,7 @@ class DBIMPatch:
         if rows is None or run is None:
             return out
         c_rows, a_rows = rows
-        concept, prompt_c, aux_noun, prompt_a = run.masks_for(k.shape[1])
+        concept, prompt_c, aux_noun, prompt_a = run.masks_for(k.shape[1], q.device)
         p_c = attention_probs(q[c_rows], k[c_rows], heads)
         p_a = attention_probs(q[a_rows], k[a_rows], heads) if run.settings.lam != 0.0 else None
         w = run.settings.weights(p_c, p_a, concept_tokens=concept, aux_noun_tokens=aux_noun,
@@ -101,6 +109,8 @@ def patch_attention(model_patcher, aux_kv: bool) -> None:
     existing = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for layer in cross_attention_layers(model_patcher):
         inner = existing.get(layer.patch_key) or existing.get(layer.block)
+        if isinstance(inner, DBIMPatch):  # a MODEL from DCI Apply: one blend, not two
+            inner = inner.inner
         model_patcher.set_model_attn2_replace(DBIMPatch(layer, inner), layer.block[0], layer.block[1], layer.depth)
 
 

@@ -79,6 +79,44 @@ def noise_batch_index(noise: torch.Tensor, latent: torch.Tensor, seed: int | Non
     return None
 
 
+def two_branch_inputs(noise: torch.Tensor, latent: torch.Tensor, denoise_mask: torch.Tensor | None,
+                      seed: int | None, aux_seed: int, zero_noise_stays: bool = False):
+    """The sampler's 2B rows: (noise, latent, denoise mask) of the concept images, then of their auxiliary rows.
+
+    The auxiliary rows get ``aux_seed``'s noise for the same images (``noise_batch_index``).
+    ``zero_noise_stays``: where the sampler adds no noise (all-zero noise, e.g. KSamplerAdvanced with
+    add_noise disabled), the auxiliary rows get none either and start from the same latent.
+    """
+    b = noise.shape[0]
+    if zero_noise_stays and not bool(noise.any()):
+        aux_noise = torch.zeros_like(noise)
+    else:
+        batch_index = noise_batch_index(noise, latent, seed)
+        aux_noise = comfy.sample.prepare_noise(latent, aux_seed, batch_index)
+    mask2 = denoise_mask
+    if denoise_mask is not None and denoise_mask.shape[0] == b and b > 1:
+        mask2 = torch.cat([denoise_mask, denoise_mask])
+    return torch.cat([noise, aux_noise.to(noise)]), torch.cat([latent, latent]), mask2
+
+
+def concept_half_callback(callback, b: int):
+    """The sampler's step callback, shown only the concept rows (previews, progress)."""
+    if callback is None:
+        return None
+
+    def concept_half(step, x0, x, total_steps):
+        callback(step, x0[:b], x[:b], total_steps)
+
+    return concept_half
+
+
+def frozen_aux_step(predict, x: torch.Tensor, timestep: torch.Tensor, b: int) -> torch.Tensor:
+    """After the split: ``predict`` on the concept rows; the auxiliary rows' denoised output is their input."""
+    t = timestep[:b] if timestep.dim() > 0 and timestep.shape[0] == 2 * b else timestep
+    concept = predict(x[:b], t)
+    return torch.cat([concept, x[b:].to(concept)])
+
+
 class DCIGuider(comfy.samplers.CFGGuider):
     """CFGGuider on a DCI-patched MODEL; runs both branches while the sigma is above the split's sigma."""
 
@@ -106,20 +144,10 @@ class DCIGuider(comfy.samplers.CFGGuider):
         mixed, data, length = mixed_positive(self.positive, b)
         self.phase = _Phase(DCIRun(self.settings, data, length, aux_kv=self.aux_kv), b, threshold)
         self.inner_set_conds({MIXED_COND: mixed})
-        batch_index = noise_batch_index(noise, latent_image, seed)
-        aux_noise = comfy.sample.prepare_noise(latent_image, self.plan.aux_seed, batch_index)
-        noise2 = torch.cat([noise, aux_noise.to(noise)])
-        latent2 = torch.cat([latent_image, latent_image])
-        mask2 = denoise_mask
-        if denoise_mask is not None and denoise_mask.shape[0] == b and b > 1:
-            mask2 = torch.cat([denoise_mask, denoise_mask])
-
-        def concept_half(step, x0, x, total_steps):
-            if callback is not None:
-                callback(step, x0[:b], x[:b], total_steps)
-
+        noise2, latent2, mask2 = two_branch_inputs(noise, latent_image, denoise_mask, seed, self.plan.aux_seed)
         try:
-            out = super().sample(noise2, latent2, sampler, sigmas, mask2, concept_half, disable_pbar, seed)
+            out = super().sample(noise2, latent2, sampler, sigmas, mask2, concept_half_callback(callback, b),
+                                 disable_pbar, seed)
         finally:
             self.phase = None
         return out[:b]
@@ -133,10 +161,8 @@ class DCIGuider(comfy.samplers.CFGGuider):
                                                     model_options=model_options, seed=seed)
         b = phase.batch
         if float(timestep.max()) <= phase.threshold:
-            t = timestep[:b] if timestep.dim() > 0 and timestep.shape[0] == 2 * b else timestep
-            concept = comfy.samplers.sampling_function(self.inner_model, x[:b], t, neg, pos, self.cfg,
-                                                       model_options=model_options, seed=seed)
-            return torch.cat([concept, x[b:].to(concept)])  # the auxiliary branch is frozen
+            return frozen_aux_step(lambda xc, t: comfy.samplers.sampling_function(
+                self.inner_model, xc, t, neg, pos, self.cfg, model_options=model_options, seed=seed), x, timestep, b)
         cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
         uncond = None if cfg1 else neg
         mixed = self.conds[MIXED_COND]
