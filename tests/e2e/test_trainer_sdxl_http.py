@@ -1,6 +1,7 @@
 """SDXL training in a real ComfyUI server, from a checkpoint file the stock loader detects as SDXL: the photos
 come from the stock "Load Image Dataset from Folder" (a list of images of different sizes), DCI Train Concept
-trains an ICO concept for both text encoders, and DCI KSampler samples it."""
+trains an ICO concept for both text encoders, and DCI KSampler samples it: the shipped SDXL template, as
+``dev.templates.for_tiny`` makes it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 
 from dci.files.concept import load_concept
+from dev import templates
 
 pytestmark = pytest.mark.e2e
 
 TRAINER = "3"
+TEMPLATE = "sdxl_train_and_sample"
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +43,13 @@ def sdxl_checkpoint(server):
 
 
 def graph(ckpt: str, save_name: str) -> dict:
-    train = dict(class_noun="dog", trigger_word="qxz", num_tokens=1, mode="ico", prefix_context="photo of a",
-                 suffix_context="", steps=1, batch_size=1, learning_rate=1e-5, context_lr_multiplier=10.0,
-                 resolution=64, seed=0, precision="fp32", gradient_checkpointing=False, save_name=save_name,
-                 overwrite=False, resume=False, checkpoint_every=0, random_flip=True)
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "dci_sdxl_set"}},
-        TRAINER: {"class_type": "DCITrainConcept", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                               "images": ["2", 0], **train}},
-        "4": {"class_type": "DCIPromptEncode", "inputs": {"clip": ["3", 1], "text": "a photo of qxz dog",
-                                                          "auxiliary_noun": "", "concept": ["3", 2]}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": "blurry"}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "7": {"class_type": "DCIKSampler", "inputs": {"model": ["3", 0], "seed": 0, "steps": 2, "cfg": 5.0,
-                                                      "sampler_name": "euler", "scheduler": "normal",
-                                                      "positive": ["4", 0], "negative": ["5", 0],
-                                                      "latent_image": ["6", 0], "denoise": 1.0, "split": 0.5,
-                                                      "lam": 1.0, "aux_map": "reference", "guidance": "shared",
-                                                      "aux_seed": 1}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
-        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
-    }
+    """The shipped SDXL template (``workflows/api/sdxl_train_and_sample.json``) on the tiny SDXL checkpoint; this
+    test is where that template runs (``test_templates`` leaves SDXL graphs to it: one 2 GB load, not two)."""
+    g = templates.for_tiny(templates.load(TEMPLATE), max_train_steps=1)
+    assert g["1"]["inputs"]["ckpt_name"] == ckpt
+    g["2"]["inputs"]["folder"] = "dci_sdxl_set"
+    g[TRAINER]["inputs"].update(save_name=save_name, num_tokens=1)
+    return g
 
 
 def test_sdxl_checkpoint_trains_from_a_dataset_folder_and_samples_with_dci(server, sdxl_checkpoint):
