@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..comfyui.concept import ConceptRef, apply_concept
+from ..comfyui.concept_encoder import concept_tokens
 from ..comfyui.folders import concepts_folder
 from ..comfyui.training.loop import train_concept
 from ..comfyui.training.loss_curve import loss_curve_image
@@ -121,10 +122,13 @@ class DCITrainConcept:
                 "mask": spec("MASK", "Foreground masks of the concept images (1 = the concept; one for all or one "
                              "per image, same size as its image): the loss counts only the masked parts, as the "
                              "official Infusion code does. Any mode."),
+                "start_concept": spec(CONCEPT_TYPE, "Start the trigger's token rows from this concept's (e.g. DCI "
+                                      "Encode Concept's, or any loaded concept with num_tokens rows) instead of "
+                                      "rarely used tokens: a short run then refines what the encoder found."),
             },
         }
 
-    def train(self, images, reg_images=None, mask=None, **inputs):
+    def train(self, images, reg_images=None, mask=None, start_concept=None, **inputs):
         node = self.DISPLAY_NAME
         single = {}
         for name, value in inputs.items():
@@ -138,12 +142,15 @@ class DCITrainConcept:
             batch = ico.collect_images(images, res)
             reg = ico.collect_images(reg_images, res) if reg_images else None
             masks = ico.collect_masks(mask, res) if mask else None
-        return self._train(images=batch, reg_images=reg, masks=masks, **single)
+        if start_concept is not None and len(start_concept) != 1:
+            raise ValueError(f"{node}: 'start_concept' got a list of {len(start_concept)} concepts; connect one")
+        start = start_concept[0] if start_concept else None
+        return self._train(images=batch, reg_images=reg, masks=masks, start_concept=start, **single)
 
     def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
                suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
                gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
-               reg_captions="", unlock_keys=False, masks=None):
+               reg_captions="", unlock_keys=False, masks=None, start_concept=None):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)
@@ -160,8 +167,10 @@ class DCITrainConcept:
             unlock_keys=unlock_keys,
         )
         with reported(node, TrainingError, *CONCEPT_ERRORS):
+            start = concept_tokens(start_concept) if start_concept is not None else None
             result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
-                                   overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks)
+                                   overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks,
+                                   start_tokens=start)
             model_out, clip_out, _ = apply_concept(result.concept, model, clip, name=result.path.name)
         ref = ConceptRef.of(result.path.name, result.concept)
         return (model_out, clip_out, ref, loss_curve_image(result.losses))

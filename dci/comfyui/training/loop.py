@@ -103,8 +103,9 @@ class TrainingRun:
     """One training run: everything set up in the constructor, the steps in ``train``."""
 
     def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step,
-                 masks=None):
+                 masks=None, start_tokens: dict[str, torch.Tensor] | None = None):
         self.plan, self.model, self.clip, self.vae, self.s = plan, model, clip, vae, settings
+        self.start_tokens = start_tokens
         self.on_step = on_step
         self.t0 = time.time()
         self.device = model.load_device
@@ -175,6 +176,13 @@ class TrainingRun:
         residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
                      for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
         rare = text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).detach().float().clone()
+        if self.start_tokens is not None:  # the rows of a given concept (e.g. an encoded one) instead of rare words
+            start = self.start_tokens.get(text.key)
+            if start is None or tuple(start.shape) != tuple(rare.shape):
+                got = "none" if start is None else f"{tuple(start.shape)[0]} rows {tuple(start.shape)[1]} wide"
+                raise TrainingError(f"the start concept's {text.key} token rows ({got}) don't fit this run: it needs "
+                                    f"{s.num_tokens} rows {rare.shape[1]} wide (set num_tokens to match)")
+            rare = start.detach().float().clone()
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
             g = torch.Generator().manual_seed(ico.sub_seed("contexts", s.seed))
@@ -384,8 +392,10 @@ class TrainingRun:
 
 def train_concept(model, clip, vae, images, settings: TrainSettings, folder: str | os.PathLike, name: str,
                   overwrite: bool = False, resume: bool = False, reg_images=None,
-                  on_step: Callable[[int, int, float], None] | None = None, masks=None) -> TrainResult:
+                  on_step: Callable[[int, int, float], None] | None = None, masks=None,
+                  start_tokens: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train (or resume) a concept and save it; returns the saved concept. See the module docstring."""
     plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images, masks)
     with torch.inference_mode(False), torch.enable_grad():
-        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks).run()
+        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks,
+                           start_tokens).run()
