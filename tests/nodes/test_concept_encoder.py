@@ -211,3 +211,32 @@ def test_training_starts_from_the_encoded_rows(comfy, toy, encoder):
     with pytest.raises(ValueError, match="set num_tokens to match"):
         comfy.run_node("DCITrainConcept", model=model, clip=clip, vae=vae, images=images, class_noun="circle",
                        trigger_word="qxz", save_name="enc_bad", start_concept=ref, **{**TRAIN, "num_tokens": k + 1})
+
+
+def test_the_encode_and_sample_workflow_runs(comfy):
+    """workflows/api/encode_concept_and_sample.json as shipped (fewer sampling steps): a folder of photos in,
+    the encoded concept saved, a stock and a DCI sample per prompt out."""
+    import json
+    import shutil
+
+    import folder_paths
+
+    from dci.comfyui.folders import concept_path
+    from dci.files.concept import load_concept
+
+    repo = Path(__file__).resolve().parents[2]
+    graph = json.loads((repo / "workflows" / "api" / "encode_concept_and_sample.json").read_text())
+    folder = Path(folder_paths.get_input_directory()) / graph["2"]["inputs"]["folder"]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for src in sorted((repo / "assets" / "toyworld" / "concepts" / "badge").glob("*.png"))[:5]:
+        shutil.copyfile(src, folder / src.name)
+    for node in graph.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = 4
+    executor, history = comfy.run_graph(graph)
+    assert executor.success, executor.status_messages[-1]
+    (image,) = history["outputs"]["61"]["images"]
+    assert image["filename"].endswith(".png")
+    saved = load_concept(concept_path(graph["5"]["inputs"]["save_name"] + ".safetensors"))
+    assert saved.method == "encoder" and saved.training["images"] == 5 and not saved.kv_deltas
