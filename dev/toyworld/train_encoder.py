@@ -1,28 +1,17 @@
 """Trains the toy world's concept encoder (``dci.method.concept_encoder``) against the frozen toy model.
 
-Taming Encoder's recipe (arXiv 2304.02642), scaled to one CPU core:
-
-- **cross-reference pairs**: every sample is a fresh toy-world instance (an object with its named and unnamed
-  parts); the encoder reads 1-``--refs`` renders of it in one narrow context (one background, mostly large and
-  centred, as a user's photos), and the frozen UNet denoises a render of the *same* instance in another scene
-  (other background, position, size, texture) captioned "a <k trigger rows> <shape> at the left on a green
-  background" (parts of the caption left out at random, as in base training). Only the encoder learns: the
-  UNet, the text encoder and the VAE are frozen, so the trigger's rows must carry the instance and nothing of
-  the references' context;
-- **identity weighting**: the noise-prediction loss is weighted up on the latent cells the object covers and
-  more on those of its pattern and emblem (where the instance differs from its named twins). This is the
-  cheap stand-in for an identity loss on the decoded prediction, which would put the VAE decoder into every
-  backward pass;
-- **reference dropping**: the number of references varies per step (1 to ``--refs``), so one photo or several
-  both work. The paper's object-embedding dropping protects text-only generation while the diffusion model is
-  tuned jointly; here the diffusion model is frozen, so text-only generation is unchanged by construction and
-  that term would carry no gradient.
+Taming Encoder's recipe (arXiv 2304.02642), scaled to one CPU core (docs/encoder.md explains each choice):
+**cross-reference pairs** (the encoder reads 1-``--refs`` renders of a fresh toy-world instance in one narrow
+context; the frozen UNet denoises a render of the same instance in another scene, captioned with the trigger's
+rows in place of its colour, shape and decoration words), an **identity-weighted** loss (object cells, and more
+so pattern and emblem cells, weigh more: the cheap stand-in for an identity loss on the decoded prediction) and
+a varying number of references. Object-embedding dropping does not apply: the diffusion model is frozen, so
+text-only generation is unchanged by construction. Only the encoder learns.
 
 Training instances are disjoint from the evaluation concepts (``dev.toyworld.concepts``): no instance has a
 concept's look or even its named parts (checked for every sample). Progress is printed; checkpoints (weights,
-EMA, AdamW moments) are written atomically every few minutes and a run resumes from the work folder; every
-step draws from its own seeded stream, so a resumed run equals a straight one. ``--max-minutes`` stops a run
-with a checkpoint (the same command resumes it).
+EMA, AdamW moments, the target pool) are written atomically every few minutes and a run resumes from the work
+folder; every step draws from its own seeded stream. ``--max-minutes`` stops a run with a checkpoint.
 
 Usage: python3 dev/host.py python -m dev.toyworld.train_encoder --work DIR [--out FILE] [--steps N] ...
 """
@@ -76,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop with a checkpoint after this long (0: off)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--evaluate", type=Path, default=None,
+                    help="only print the validation losses of this encoder file (no training)")
     return ap.parse_args(argv)
 
 
@@ -197,9 +188,11 @@ class TargetPool:
             self.scenes += new
 
 
-def make_batch(rng: np.random.Generator, args, num_refs: int, pool: TargetPool, step: int):
-    """References ``[B, n, 3, S, S]``, target latents ``[B, 4, 16, 16]``, captions, loss weights."""
-    from dci.toyworld.render import caption, render_scene
+def make_batch(rng: np.random.Generator, args, num_refs: int, pool: TargetPool, step: int, words: bool = False):
+    """References ``[B, n, 3, S, S]``, target latents ``[B, 4, 16, 16]``, captions, loss weights. ``words``: the
+    captions name the instance's colour, shape and decorations instead of holding the trigger's rows (same
+    draws otherwise)."""
+    from dci.toyworld.render import caption, decoration_phrase, render_scene
 
     n = pool.size_at(step)
     pool.fill(n)
@@ -212,7 +205,8 @@ def make_batch(rng: np.random.Generator, args, num_refs: int, pool: TargetPool, 
         check_disjoint(obj)
         scenes, _ = reference_scenes(obj, num_refs, rng, avoid=tgt.background)
         refs.append(np.stack([render_scene(s) for s in scenes]))
-        texts.append(caption(tgt, rng, noun=f"{noun_rows} {obj.shape}"))
+        noun = f"{obj.colour} {obj.shape} {decoration_phrase(obj)}".strip() if words else f"{noun_rows} {obj.shape}"
+        texts.append(caption(tgt, rng, noun=noun))
         weights.append(cell_weights(tgt, args.object_weight, args.decoration_weight))
     ref = torch.from_numpy(np.stack(refs)).float().div(255.0).permute(0, 1, 4, 2, 3).contiguous()
     return ref, pool.latents[torch.from_numpy(idx)], texts, torch.stack(weights).unsqueeze(1)
@@ -255,10 +249,13 @@ class Frozen:
         with torch.no_grad():
             return self.patcher.model.process_latent_in(self.vae.encode(images)).float()
 
-    def context(self, texts: list[str], rows: torch.Tensor) -> torch.Tensor:
+    def context(self, texts: list[str], rows: torch.Tensor | None) -> torch.Tensor:
         from dci.comfyui.training.text_encoder import text_forward
 
         ids = torch.tensor([self.tokens(t) for t in texts])
+        if rows is None:  # plain captions
+            with torch.no_grad():
+                return text_forward(self.text, self.embedding(ids, out_dtype=torch.float32))
         mask = ids == self.placeholder
         if int(mask.sum()) != rows.shape[0] * self.num_tokens:
             raise AssertionError("a caption lost its trigger rows (too long?)")
@@ -278,27 +275,49 @@ class Frozen:
         return (err * weights).mean() / weights.mean()
 
 
-def validation(frozen: Frozen, encoder, args, pool: TargetPool, batches: int = 3) -> tuple[float, float]:
-    """Loss on fixed held-out instances and timesteps: (encoder, the anchor rows alone = "just the class")."""
+def validation(frozen: Frozen, encoder, args, pool: TargetPool, batches: int = 3,
+               words: bool = False) -> tuple[float, float]:
+    """Loss on fixed held-out instances and timesteps: (encoder, the anchor rows alone = "just the class");
+    ``words``: a third value, the captions naming everything nameable instead (what words alone give)."""
     out = []
     pool.fill(pool.size_at(0))
+    variants = [lambda ref: encoder(ref), lambda ref: encoder.anchor.expand(ref.shape[0], args.num_tokens, -1)]
+    variants += [None] if words else []
     with torch.no_grad():
-        for rows_fn in (lambda ref: encoder(ref), lambda ref: encoder.anchor.expand(ref.shape[0], args.num_tokens, -1)):
+        for rows_fn in variants:
             total = 0.0
             for b in range(batches):
                 rng = np.random.default_rng([args.seed, 99991, b])
-                ref, x0, texts, w = make_batch(rng, args, 2, pool, 0)
+                ref, x0, texts, w = make_batch(rng, args, 2, pool, 0, words=rows_fn is None)
                 g = torch.Generator().manual_seed(1000 + b)
                 t = torch.linspace(50, 950, x0.shape[0]).long()
-                total += frozen.loss(x0, frozen.context(texts, rows_fn(ref)), w, g, args.offset_noise, t).item()
+                rows = None if rows_fn is None else rows_fn(ref)
+                total += frozen.loss(x0, frozen.context(texts, rows), w, g, args.offset_noise, t).item()
             out.append(total / batches)
-    return out[0], out[1]
+    return tuple(out)
+
+
+def evaluate_file(path: Path, frozen: Frozen, args) -> None:
+    """``--evaluate FILE``: the validation losses of an encoder file, beside the anchor rows and the words."""
+    from dci.files.concept_encoder import load_encoder
+    from dci.method.concept_encoder import ConceptEncoder, EncoderConfig
+
+    from .train_io import log
+
+    f = load_encoder(path)
+    encoder = ConceptEncoder(EncoderConfig.from_dict(f.config))
+    encoder.load_state_dict(f.tensors)
+    encoder.eval()
+    pool = TargetPool(args.seed + 1_000_003, args.batch * 3, 0, frozen.latents)
+    enc, anchor, words = validation(frozen, encoder, args, pool, words=True)
+    log(f"validation loss of {path.name}: encoder rows {enc:.4f}, anchor rows {anchor:.4f}, the full nameable "
+        f"description in words {words:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------- training
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.out.exists() and not args.overwrite:
+    if args.out.exists() and not args.overwrite and args.evaluate is None:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it, or another --out")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
@@ -316,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"args {json.dumps({k: str(v) for k, v in vars(args).items()})}")
     torch.manual_seed(args.seed)
     frozen = Frozen(args.model, args.num_tokens)
+    if args.evaluate is not None:
+        evaluate_file(args.evaluate, frozen, args)
+        return
     config = EncoderConfig(width=frozen.embedding.weight.shape[1], num_tokens=args.num_tokens)
     encoder = ConceptEncoder(config)
     with torch.no_grad():
