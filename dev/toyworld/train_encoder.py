@@ -48,23 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the frozen toy-world model")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints; a later run resumes from them")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=16)
+    for name, kind, default in (("seed", int, 0), ("steps", int, 1100), ("batch", int, 16), ("num-tokens", int, 2),
+                                ("lr", float, 4e-4), ("ema", float, 0.998), ("val-every", int, 200),
+                                ("ckpt-minutes", float, 3.0), ("threads", int, 1)):
+        ap.add_argument(f"--{name}", type=kind, default=default)
     ap.add_argument("--refs", type=int, default=3, help="most reference renders per instance (1..refs per step)")
-    ap.add_argument("--pool", type=int, default=600, help="targets encoded before the first step")
-    ap.add_argument("--pool-growth", type=int, default=1, help="new targets encoded per step")
-    ap.add_argument("--num-tokens", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=4e-4)
-    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--pool", type=int, default=300, help="targets encoded before the first step")
+    ap.add_argument("--pool-growth", type=int, default=3, help="new targets encoded per step")
+    ap.add_argument("--targets-per-instance", type=int, default=3, help="target scenes per instance")
+    ap.add_argument("--omit-words", action="store_true",
+                    help="leave caption parts out at random (default: the target's caption names its whole scene, "
+                         "so the rows have no reason to carry scene attributes)")
     ap.add_argument("--object-weight", type=float, default=2.0, help="extra loss weight on the object's cells")
     ap.add_argument("--decoration-weight", type=float, default=4.0,
                     help="extra loss weight on the pattern's and emblem's cells")
     ap.add_argument("--offset-noise", type=float, default=0.1, help="as the toy model was trained")
-    ap.add_argument("--val-every", type=int, default=250)
-    ap.add_argument("--ckpt-minutes", type=float, default=3.0)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop with a checkpoint after this long (0: off)")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--evaluate", type=Path, default=None,
                     help="only print the validation losses of this encoder file (no training)")
     return ap.parse_args(argv)
@@ -106,7 +105,6 @@ def random_instance(rng: np.random.Generator):
 
 def check_disjoint(obj) -> None:
     from .concepts import concept_looks
-
     if obj.look() in concept_looks() or named_parts(obj) in concept_named_parts():
         raise AssertionError(f"training instance {obj} overlaps an evaluation concept")
 
@@ -152,13 +150,14 @@ def cell_weights(scene, object_weight: float, decoration_weight: float) -> torch
     return 1.0 + object_weight * share(object_pixels(scene)) + decoration_weight * share(decoration_pixels(scene))
 
 
-def pool_item(seed: int, i: int):
-    """Target ``i`` of the pool: a fresh instance in a scene of its own (a pure function of seed and i)."""
-    rng = np.random.default_rng([seed, 7, i])
-    obj = random_instance(rng)
-    check_disjoint(obj)
+def pool_item(seed: int, i: int, per_instance: int = 1):
+    """Target ``i`` of the pool (a pure function of seed and i): instance ``i // per_instance`` in a scene of
+    its own, so one instance has ``per_instance`` target scenes and none can be told from the references."""
     from dci.toyworld.render import COLOURS
 
+    obj = random_instance(np.random.default_rng([seed, 7, i // per_instance]))
+    check_disjoint(obj)
+    rng = np.random.default_rng([seed, 8, i])
     return target_scene(obj, COLOURS[int(rng.integers(len(COLOURS)))], rng)
 
 
@@ -168,8 +167,9 @@ class TargetPool:
     each step draws its instances from what is there; references are rendered afresh every time (new context,
     jitter and count), so an instance is never seen twice the same way."""
 
-    def __init__(self, seed: int, initial: int, growth: int, encode):
+    def __init__(self, seed: int, initial: int, growth: int, encode, per_instance: int = 1):
         self.seed, self.initial, self.growth, self.encode = seed, initial, growth, encode
+        self.per_instance = per_instance
         self.scenes: list = []
         self.latents = torch.zeros(0, 4, 16, 16)
 
@@ -181,7 +181,7 @@ class TargetPool:
 
         while len(self.scenes) < n:
             have = len(self.scenes)  # a chunk at a time, ahead of need (items are pure functions of their index)
-            new = [pool_item(self.seed, i) for i in range(have, max(n, have + chunk))]
+            new = [pool_item(self.seed, i, self.per_instance) for i in range(have, max(n, have + chunk))]
             if len(self.latents) < len(self.scenes) + len(new):
                 imgs = torch.from_numpy(np.stack([render_scene(sc) for sc in new])).float().div(255.0)
                 self.latents = torch.cat([self.latents, self.encode(imgs)])
@@ -206,7 +206,7 @@ def make_batch(rng: np.random.Generator, args, num_refs: int, pool: TargetPool, 
         scenes, _ = reference_scenes(obj, num_refs, rng, avoid=tgt.background)
         refs.append(np.stack([render_scene(s) for s in scenes]))
         noun = f"{obj.colour} {obj.shape} {decoration_phrase(obj)}".strip() if words else f"{noun_rows} {obj.shape}"
-        texts.append(caption(tgt, rng, noun=noun))
+        texts.append(caption(tgt, rng if args.omit_words else None, noun=noun))
         weights.append(cell_weights(tgt, args.object_weight, args.decoration_weight))
     ref = torch.from_numpy(np.stack(refs)).float().div(255.0).permute(0, 1, 4, 2, 3).contiguous()
     return ref, pool.latents[torch.from_numpy(idx)], texts, torch.stack(weights).unsqueeze(1)
@@ -308,7 +308,7 @@ def evaluate_file(path: Path, frozen: Frozen, args) -> None:
     encoder = ConceptEncoder(EncoderConfig.from_dict(f.config))
     encoder.load_state_dict(f.tensors)
     encoder.eval()
-    pool = TargetPool(args.seed + 1_000_003, args.batch * 3, 0, frozen.latents)
+    pool = TargetPool(args.seed + 1_000_003, args.batch * 3, 0, frozen.latents, args.targets_per_instance)
     enc, anchor, words = validation(frozen, encoder, args, pool, words=True)
     log(f"validation loss of {path.name}: encoder rows {enc:.4f}, anchor rows {anchor:.4f}, the full nameable "
         f"description in words {words:.4f}")
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     ema = {k: p.detach().clone() for k, p in named}
     ckpt = args.work / "encoder_ckpt.safetensors"
     start, elapsed_before = 0, 0.0
-    pool = TargetPool(args.seed, args.pool, args.pool_growth, frozen.latents)
-    val_pool = TargetPool(args.seed + 1_000_003, args.batch * 3, 0, frozen.latents)
+    pool = TargetPool(args.seed, args.pool, args.pool_growth, frozen.latents, args.targets_per_instance)
+    val_pool = TargetPool(args.seed + 1_000_003, args.batch * 3, 0, frozen.latents, args.targets_per_instance)
     if ckpt.exists():
         sd, meta = load_st(ckpt)
         if json.loads(meta["config"]) != config.to_dict() or meta.get("opt_format") != OPT_FORMAT:
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                 p.copy_(ema[k])
         try:
             recipe = {k: getattr(args, k) for k in ("seed", "batch", "refs", "lr", "ema", "object_weight",
-                                                    "decoration_weight", "offset_noise", "pool", "pool_growth")}
+                                                    "decoration_weight", "offset_noise", "pool", "pool_growth",
+                                                    "targets_per_instance", "omit_words")}
             recipe["steps"] = steps
             extra = {"base_name": args.model.name, "world_version": WORLD_VERSION, "recipe": json.dumps(recipe),
                      "train_seconds": f"{seconds:.1f}"}

@@ -12,7 +12,7 @@ import torch
 from dev.toyworld import train_encoder as te
 from dev.toyworld.concepts import CONCEPTS
 
-ARGS = SimpleNamespace(batch=6, num_tokens=2, object_weight=2.0, decoration_weight=4.0)
+ARGS = SimpleNamespace(batch=6, num_tokens=2, object_weight=2.0, decoration_weight=4.0, omit_words=False)
 
 
 def pool(seed: int = 0) -> te.TargetPool:
