@@ -12,6 +12,9 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 - ``infusion``: DCI Train Concept, mode infusion (one residual vector per cross-attention layer on the values
   at the trigger's tokens; keys locked), at its own learning rate (``--infusion-lr``: the default gives the
   official code's 0.01 per step);
+- opt-in: ``encoder`` (DCI Encode Concept on the same renders: zero-shot, no weight change),
+  ``ico_from_encoder`` (rows ``ico_from_encoder_quarter`` and ``ico_from_encoder``: ICO whose token rows start
+  from the encoded ones, at a quarter and at the full budget) and ``ico_quarter`` (plain ICO at a quarter);
 
 and each trained concept sampled with the stock KSampler and with DCI KSampler over a small split/λ sweep
 (``--dci``; separate guidance, reference map (the context words) and normalisation unless a row says
@@ -67,6 +70,7 @@ import numpy as np
 from . import harness
 from .bench_rows import (
     TRIGGER,
+    EncoderRows,
     OverfittingRows,
     RetouchRows,
     dci_label,
@@ -110,7 +114,11 @@ def parse_args(argv=None):
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
                         "from the auxiliary noun instead of the context words; empty: no DCI)")
     p.add_argument("--methods", default="base,base_desc,cd,ico,infusion",
-                   help="comma list of base, base_desc, cd, ico, infusion")
+                   help="comma list of base, base_desc, cd, ico, infusion, ico_quarter (ICO at a quarter of the "
+                        "budget), encoder (DCI Encode Concept, no training), ico_from_encoder (ICO started from the "
+                        "encoded rows, at a quarter and at the full budget)")
+    p.add_argument("--encoder", default="toyworld_concept_encoder.safetensors",
+                   help="the concept encoder of the encoder rows (DCI Load Concept Encoder's name)")
     p.add_argument("--infusion-lr", type=float, default=2.5e-6,
                    help="per-image learning rate of infusion (× batch × 1000 = its vectors' step size; the "
                         "default gives 0.01, the official code's rate)")
@@ -146,7 +154,7 @@ def pick_scenes(concept, n: int):
     return [scenes[int(i * len(scenes) / n)] for i in range(n)]
 
 
-class Bench(RetouchRows, OverfittingRows):
+class Bench(RetouchRows, OverfittingRows, EncoderRows):
     def __init__(self, args) -> None:
         harness.boot()
         import torch
@@ -228,20 +236,26 @@ class Bench(RetouchRows, OverfittingRows):
         self.grid.setdefault(method, []).append(images[0])
         self.images.setdefault((method, name), []).append(images)
 
-    def train(self, mode: str, name: str, concept):
+    def train(self, mode: str, name: str, concept, label: str = "", steps: int = 0, **extra):
+        """DCI Train Concept on the concept's training renders (``label``: the row, ``mode`` by default; ``steps``:
+        the budget, ``--train-steps`` by default; ``extra``: more node inputs, e.g. start_concept)."""
+        label, steps = label or mode, steps or self.args.train_steps
+        t0 = time.perf_counter()
+        model, clip, ref, _ = self.run(
+            "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=self.training_renders(concept),
+            class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=steps,
+            save_name=f"bench_quality_{label}_{name}", **extra,
+            **{**TRAIN, "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
+        self._tick(f"train {label}", t0)
+        return model, clip, ref
+
+    @staticmethod
+    def training_renders(concept):
         import torch
 
         from .toyworld.concepts import training_images
 
-        images = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
-        t0 = time.perf_counter()
-        model, clip, ref, _ = self.run(
-            "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=images,
-            class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=self.args.train_steps,
-            save_name=f"bench_quality_{mode}_{name}",
-            **{**TRAIN, "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
-        self._tick(f"train {mode}", t0)
-        return model, clip, ref
+        return torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
 
     def run_all(self) -> None:
         from dci.toyworld.render import caption
@@ -276,11 +290,9 @@ class Bench(RetouchRows, OverfittingRows):
                 (open_pos,) = self.run("CLIPTextEncode", clip=self.clip, text=open_text)[0]
                 self.open_diversity(label, concept, lambda seed, p=open_pos: self.sample(self.model, p, seed, None))
                 self._tick("sample plain", t0)
-            for mode, label in (("custom_diffusion", "cd"), ("ico", "ico"), ("infusion", "infusion")):
-                if label not in methods:
-                    continue
-                model, clip, ref = self.train(mode, name, concept)
-                self.measure_fisher(label, name, model, clip)
+            for label, model, clip, ref in self.trained_rows(methods, name, concept):
+                if (label, name) not in self.fisher:
+                    self.measure_fisher(label, name, model, clip)
                 open_text = open_prompt(f"{TRIGGER} {concept.class_noun}")
                 t0 = time.perf_counter()
                 (open_pos,) = self.run("CLIPTextEncode", clip=clip, text=open_text)[0]

@@ -160,6 +160,42 @@ class RetouchRows:
         self.diversity.setdefault(method, []).append(layout_diversity(images, concept.class_noun))
 
 
+class EncoderRows:
+    """The trained rows in order, then the concept-encoder rows: ``encoder`` (DCI Encode Concept on the training
+    renders; no weight changes, so its Fisher divergence is 0 by construction and is not measured) and ICO
+    started from its rows at a quarter and at the full budget."""
+
+    def encoded(self, name: str, concept):
+        if getattr(self, "_encoder", None) is None:
+            (self._encoder,) = self.run("DCILoadConceptEncoder", encoder_name=self.args.encoder)[0]
+        t0 = time.perf_counter()
+        model, clip, ref, report = self.run(
+            "DCIEncodeConcept", model=self.model, clip=self.clip, encoder=self._encoder,
+            images=self.training_renders(concept), class_noun=concept.class_noun, trigger_word=TRIGGER,
+            save_name="", overwrite=False)[0]
+        self._tick("encode", t0)
+        self.notes.append(f"{name}: {report}")
+        return model, clip, ref
+
+    def trained_rows(self, methods: list[str], name: str, concept):
+        """(label, MODEL, CLIP, concept) of every trained or encoded row ``methods`` asks for."""
+        quarter = max(1, self.args.train_steps // 4)
+        for mode, label in (("custom_diffusion", "cd"), ("ico", "ico"), ("infusion", "infusion")):
+            if label in methods:
+                yield (label, *self.train(mode, name, concept))
+        if "ico_quarter" in methods:
+            yield ("ico_quarter", *self.train("ico", name, concept, label="ico_quarter", steps=quarter))
+        if not {"encoder", "ico_from_encoder"} & set(methods):
+            return
+        encoded = self.encoded(name, concept)
+        if "encoder" in methods:
+            self.fisher[("encoder", name)] = (0.0, 0.0)
+            yield ("encoder", *encoded)
+        if "ico_from_encoder" in methods:
+            for label, steps in (("ico_from_encoder_quarter", quarter), ("ico_from_encoder", self.args.train_steps)):
+                yield (label, *self.train("ico", name, concept, label=label, steps=steps, start_concept=encoded[2]))
+
+
 class OverfittingRows:
     """The Fisher divergence of each trained model and W2 of each row against the base row."""
 

@@ -1,6 +1,7 @@
-"""The folders ComfyUI knows and this pack uses: models/concepts (registered here), import sources, exports.
+"""The folders ComfyUI knows and this pack uses: models/concepts and models/concept_encoders (registered here),
+import sources, exports.
 
-``models/concepts`` is registered like ComfyUI's own model folders (extra_model_paths.yaml can add more).
+``models/concepts`` and ``models/concept_encoders`` are registered like ComfyUI's own model folders (extra_model_paths.yaml can add more).
 Every name a node receives is resolved here and refused when it would leave its folders.
 """
 
@@ -14,10 +15,14 @@ import folder_paths
 from ..files.concept import SUFFIX, TRAIN_STATE_SUFFIX, ConceptFileError
 
 CONCEPTS = "concepts"
+CONCEPT_ENCODERS = "concept_encoders"  # concept-encoder weights (DCI Load Concept Encoder)
 DIFFUSERS_OUTPUT = "custom_diffusion"  # folder under ComfyUI's output directory
 
 if CONCEPTS not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[CONCEPTS] = ([os.path.join(folder_paths.models_dir, CONCEPTS)], {SUFFIX})
+if CONCEPT_ENCODERS not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[CONCEPT_ENCODERS] = (
+        [os.path.join(folder_paths.models_dir, CONCEPT_ENCODERS)], {SUFFIX})
 
 
 def concepts_folder() -> Path:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comfyui.concept import ConceptRef, apply_concept
+from ..comfyui.concept_encoder import concept_tokens
 from ..comfyui.folders import concepts_folder
 from ..comfyui.training.loop import train_concept
 from ..comfyui.training.loss_curve import loss_curve_image
@@ -153,10 +154,13 @@ class DCITrainConcept:
                                       "run trains them all (shared key/value weights, one token set per trigger) "
                                       "into one file; loading it registers every trigger. ico and "
                                       "custom_diffusion modes."),
+                "start_concept": spec(CONCEPT_TYPE, "Start the trigger's token rows from this concept's (e.g. DCI "
+                                      "Encode Concept's, or any loaded concept with num_tokens rows) instead of "
+                                      "rarely used tokens: a short run then refines what the encoder found."),
             },
         }
 
-    def train(self, images, reg_images=None, mask=None, more_concepts=None, **inputs):
+    def train(self, images, reg_images=None, mask=None, more_concepts=None, start_concept=None, **inputs):
         node = self.DISPLAY_NAME
         more_concepts = [m for m in more_concepts or [] if m is not None]
         more = list(more_concepts[0]) if more_concepts else []
@@ -188,13 +192,17 @@ class DCITrainConcept:
                 batch = torch.cat([b for b, _ in parts])
         joint = [{"trigger": c.trigger, "class_noun": c.class_noun, "images": sum(int(x.shape[0]) for x in c.images)}
                  for c in more]
-        return self._train(images=batch, reg_images=reg, masks=masks, more_concepts=joint, **single)
+        if start_concept is not None and len(start_concept) != 1:
+            raise ValueError(f"{node}: 'start_concept' got a list of {len(start_concept)} concepts; connect one")
+        start = start_concept[0] if start_concept else None
+        return self._train(images=batch, reg_images=reg, masks=masks, more_concepts=joint, start_concept=start,
+                           **single)
 
     def _train(self, model, clip, vae, images, class_noun, trigger_word, num_tokens, mode, prefix_context,
                suffix_context, steps, batch_size, learning_rate, context_lr_multiplier, resolution, seed, precision,
                gradient_checkpointing, save_name, overwrite, resume, checkpoint_every, random_flip, reg_images=None,
                reg_captions="", unlock_keys=False, masks=None, preview_every=0, preview_prompts="",
-               more_concepts=()):
+               more_concepts=(), start_concept=None):
         node = self.DISPLAY_NAME
         check_model(node, model)
         check_clip(node, clip)
@@ -216,9 +224,10 @@ class DCITrainConcept:
             folder, subfolder = preview_folder(save_name)
             prompts = parse_prompts(preview_prompts, settings.trigger, class_noun, settings.more_concepts)
             previews = Previews(preview_every, prompts, folder, subfolder, seed=seed)
+            start = concept_tokens(start_concept) if start_concept is not None else None
             result = train_concept(model, clip, vae, images, settings, concepts_folder(), save_name,
                                    overwrite=overwrite, resume=resume, reg_images=reg_images, masks=masks,
-                                   previews=previews)
+                                   previews=previews, start_tokens=start)
             model_out, clip_out, _ = apply_concept(result.concept, model, clip, name=result.path.name)
         ref = ConceptRef.of(result.path.name, result.concept)
         shown = [n for n in previews.shown if n.startswith("preview")] + [previews.save_loss_curve(result.losses)]

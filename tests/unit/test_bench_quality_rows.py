@@ -36,3 +36,32 @@ def test_layout_diversity_reads_position_size_and_background_from_pixels():
         render_scene(SceneSpec(ObjectSpec(position="right", size="large"), background="green")),
     ])
     assert layout_diversity(varied, "circle") == 1.0
+
+
+def test_encoder_rows_follow_the_trained_ones_with_their_budgets():
+    from types import SimpleNamespace
+
+    from dev.bench_rows import EncoderRows
+
+    class Rows(EncoderRows):
+        args = SimpleNamespace(train_steps=600)
+
+        def __init__(self):
+            self.calls, self.fisher = [], {}
+
+        def train(self, mode, name, concept, label="", steps=0, **extra):
+            self.calls.append((mode, label or mode, steps or 600, sorted(extra)))
+            return "model", "clip", label or mode
+
+        def encoded(self, name, concept):
+            self.calls.append(("encode",))
+            return "base", "clip+", "encoded"
+
+    rows = Rows()
+    out = [r[0] for r in rows.trained_rows(["ico", "ico_quarter", "encoder", "ico_from_encoder"], "badge", None)]
+    assert out == ["ico", "ico_quarter", "encoder", "ico_from_encoder_quarter", "ico_from_encoder"]
+    assert rows.calls == [("ico", "ico", 600, []), ("ico", "ico_quarter", 150, []), ("encode",),
+                          ("ico", "ico_from_encoder_quarter", 150, ["start_concept"]),
+                          ("ico", "ico_from_encoder", 600, ["start_concept"])]
+    assert rows.fisher == {("encoder", "badge"): (0.0, 0.0)}  # no weight change: not measured
+    assert [r[0] for r in Rows().trained_rows(["cd"], "badge", None)] == ["cd"]

@@ -88,9 +88,11 @@ class TrainingRun:
     """One training run: everything set up in the constructor, the steps in ``train``."""
 
     def __init__(self, plan: Plan, model, clip, vae, images, reg_images, settings: TrainSettings, on_step,
-                 masks=None, previews: Previews | None = None):
+                 masks=None, previews: Previews | None = None,
+                 start_tokens: dict[str, torch.Tensor] | None = None):
         self.plan, self.model, self.clip, self.vae, self.s = plan, model, clip, vae, settings
         self.previews = previews if previews is not None and previews.every > 0 else None
+        self.start_tokens = start_tokens
         self.on_step = on_step
         self.t0 = time.time()
         self.device = model.load_device
@@ -177,9 +179,18 @@ class TrainingRun:
         deltas = {k: torch.zeros(w.shape, dtype=torch.float32, device=self.device) for k, w in sorted(base.items())}
         residuals = {k: torch.zeros(n, dtype=torch.float32, device=self.device)
                      for k, n in sorted(residual_keys(self.model, s.unlock_keys).items())} if infusion else {}
-        rare = {token_key(k, j): r.detach().float().clone() for k, r in
-                text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).items()
-                for j in range(1 + len(s.more_concepts))}  # every concept's trigger starts from the same rows
+        rare = {k: r.detach().float().clone() for k, r in
+                text.vocabulary_rows(ico.RARE_TOKEN_WORDS[: s.num_tokens]).items()}
+        if self.start_tokens is not None:  # a given concept's rows (e.g. an encoded one) instead of rare words
+            for k, r in rare.items():
+                start = self.start_tokens.get(k)
+                if start is None or tuple(start.shape) != tuple(r.shape):
+                    got = "none" if start is None else f"{tuple(start.shape)[0]} rows {tuple(start.shape)[1]} wide"
+                    raise TrainingError(f"the start concept's {k} token rows ({got}) don't fit this run: it needs "
+                                        f"{s.num_tokens} rows {r.shape[1]} wide (set num_tokens to match)")
+                rare[k] = start.detach().float().clone()
+        # every concept's trigger starts from the same rows
+        rare = {token_key(k, j): r for k, r in rare.items() for j in range(1 + len(s.more_concepts))}
         contexts: dict[str, torch.Tensor] = {}
         if s.mode == "ico":
             g = torch.Generator().manual_seed(ico.sub_seed("contexts", s.seed))
@@ -409,11 +420,14 @@ class TrainingRun:
 def train_concept(model, clip, vae, images, settings: TrainSettings, folder: str | os.PathLike, name: str,
                   overwrite: bool = False, resume: bool = False, reg_images=None,
                   on_step: Callable[[int, int, float], None] | None = None, masks=None,
-                  previews: Previews | None = None) -> TrainResult:
+                  previews: Previews | None = None,
+                  start_tokens: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train (or resume) a concept and save it; returns the saved concept. See the module docstring.
-    ``previews``: sample images every N steps (``preview.Previews``)."""
+    ``previews``: sample images every N steps (``preview.Previews``); ``start_tokens``: token rows per text
+    encoder to start from instead of rare words (e.g. an encoded concept's)."""
     plan = plan_training(model, clip, images, settings, Path(folder), name, overwrite, resume, reg_images, masks)
     if previews is not None:
         previews.start(resume)
     with torch.inference_mode(False), torch.enable_grad():
-        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks, previews).run()
+        return TrainingRun(plan, model, clip, vae, images, reg_images, settings, on_step, masks, previews,
+                           start_tokens).run()
