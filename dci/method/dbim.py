@@ -321,7 +321,7 @@ def token_maps(
         qh = q[:, s : s + chunk_size].float().reshape(rows, -1, heads, d).transpose(1, 2)  # [R, H, n', d]
         p = torch.softmax(torch.matmul(qh, kt).mul_(scale), dim=-1)
         sharp = torch.softmax(p.index_select(-1, prompt).mul_(tau), dim=-1)  # [R, H, n', L]
-        for m, group in zip(maps, groups):
+        for m, group in zip(maps, groups, strict=True):
             m[:, :, s : s + chunk_size] = sharp.index_select(-1, group).sum(dim=-1)
     return maps
 
