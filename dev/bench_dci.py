@@ -80,29 +80,35 @@ def worker(args) -> None:
     common = dict(model=m, seed=3, steps=args.steps, cfg=5.0, sampler_name="euler", scheduler="normal",
                   positive=pos, negative=neg, latent_image=lat, denoise=1.0)
 
-    def sample(mode: str, split: float) -> float:
+    def sample(mode: str, split: float, steps: int | None = None) -> float:
         probe.calls.clear()
         t0 = time.perf_counter()
+        kw = {**common, "steps": steps or args.steps}
         if mode == "ksampler":
-            run("KSampler", **common)
+            run("KSampler", **kw)
         else:
-            run("DCIKSampler", **common, split=split, lam=0.0, aux_map="reference", guidance=mode, aux_seed=1)
+            run("DCIKSampler", **kw, split=split, lam=0.0, aux_map="reference", guidance=mode, aux_seed=1)
         return time.perf_counter() - t0
 
     if args.mode == "time":
-        sample("ksampler", 0.0)  # loads the model
+        for m_, a in CONFIGS:  # loads the model, warms every code path up (two steps each)
+            sample(m_, a, steps=2)
         times = {f"{m_}:{a}": [] for m_, a in CONFIGS}
+        own: dict[str, float | None] = {}
         two_branch = {}
         for _ in range(args.repeats):
             for m_, a in CONFIGS:
+                start = reset_peak_rss()
                 times[f"{m_}:{a}"].append(sample(m_, a))
+                grown = status_mb("VmHWM") - start if start is not None else None
+                own[f"{m_}:{a}"] = grown if own.get(f"{m_}:{a}") is None else max(own[f"{m_}:{a}"], grown)
                 two_branch[f"{m_}:{a}"] = len(probe.sigmas(True))
-        report({"seconds": {k: min(v) for k, v in times.items()},
+        report({"seconds": {k: min(v) for k, v in times.items()}, "sampling_mb": own,
                 "spread": {k: max(v) / min(v) - 1 for k, v in times.items()}, "two_branch_steps": two_branch})
     elif args.mode == "profile":
         from torch.profiler import ProfilerActivity, profile
 
-        sample("ksampler", 0.0)
+        sample("ksampler", 0.0, steps=2)
         tables = {}
         for mode, split in (("ksampler", 0.0), ("separate", 0.3)):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -157,6 +163,9 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a busy machine)")
     ap.add_argument("--setups", default=SETUPS, help=f"comma-separated model:res:steps (default {SETUPS})")
+    ap.add_argument("--memory", choices=("process", "inline"), default="process",
+                    help="peak memory from one process per configuration (default), or inline: each sample's own "
+                         "peak in the timing process (no extra runs; mem_ratio is then nan)")
     ap.add_argument("--profile", action="store_true", help="print the top operations of KSampler and DCI per setup")
     args = ap.parse_args()
     if args.worker:
@@ -176,9 +185,14 @@ def main() -> int:
             load0 = load_average()
             timed = run_worker(model, "time", res, steps, 0.0, checkpoint, args.threads, args.repeats)
             times, spread, ran = timed["seconds"], timed["spread"], timed["two_branch_steps"]
-            measured = {f"{m}:{a}": run_worker(model, m, res, steps, a, checkpoint, args.threads, 1) for m, a in CONFIGS}
-            mem = {k: v["peak_rss_mb"] for k, v in measured.items()}
-            own = {k: v["sampling_mb"] for k, v in measured.items()}
+            if args.memory == "process":
+                measured = {f"{m}:{a}": run_worker(model, m, res, steps, a, checkpoint, args.threads, 1)
+                            for m, a in CONFIGS}
+                mem = {k: v["peak_rss_mb"] for k, v in measured.items()}
+                own = {k: v["sampling_mb"] for k, v in measured.items()}
+            else:  # the timing process's own per-sample peaks (after a reset), to save the extra runs
+                own = timed["sampling_mb"]
+                mem = {k: float("nan") for k in own}
             load = max(load0, load_average())
             base = "ksampler:0.0"
             base_t, base_m = times[base], mem[base]
@@ -198,7 +212,7 @@ def main() -> int:
                              f"spread={sp:.3f} load={load:.2f} sampling_mem_ratio={sr:.3f}")
     if args.profile:
         return 0
-    print(f"threads={args.threads} repeats={args.repeats} (time: min over repeats, interleaved in one process; "
+    print(f"threads={args.threads} repeats={args.repeats} memory={args.memory} (time: min over repeats, interleaved in one process; "
           "spread: max/min - 1 over the repeats; load: highest 1-min load average seen)")
     print(f"{'sampler':8} {'split':>5} {'guidance':>9} {'model':>5} {'res':>4} {'steps':>5} {'2-br':>4} "
           f"{'seconds':>8} {'spread':>6} {'peak MB':>8} {'own MB':>7} {'time x':>7} {'mem x':>6} {'own x':>6} "
