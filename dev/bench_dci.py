@@ -94,16 +94,12 @@ def worker(args) -> None:
         for m_, a in CONFIGS:  # loads the model, warms every code path up (two steps each)
             sample(m_, a, steps=2)
         times = {f"{m_}:{a}": [] for m_, a in CONFIGS}
-        own: dict[str, float | None] = {}
         two_branch = {}
         for _ in range(args.repeats):
             for m_, a in CONFIGS:
-                start = reset_peak_rss()
                 times[f"{m_}:{a}"].append(sample(m_, a))
-                grown = status_mb("VmHWM") - start if start is not None else None
-                own[f"{m_}:{a}"] = grown if own.get(f"{m_}:{a}") is None else max(own[f"{m_}:{a}"], grown)
                 two_branch[f"{m_}:{a}"] = len(probe.sigmas(True))
-        report({"seconds": {k: min(v) for k, v in times.items()}, "sampling_mb": own,
+        report({"seconds": {k: min(v) for k, v in times.items()},
                 "spread": {k: max(v) / min(v) - 1 for k, v in times.items()}, "two_branch_steps": two_branch})
     elif args.mode == "profile":
         from torch.profiler import ProfilerActivity, profile
@@ -163,9 +159,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a busy machine)")
     ap.add_argument("--setups", default=SETUPS, help=f"comma-separated model:res:steps (default {SETUPS})")
-    ap.add_argument("--memory", choices=("process", "inline"), default="process",
-                    help="peak memory from one process per configuration (default), or inline: each sample's own "
-                         "peak in the timing process (no extra runs; mem_ratio is then nan)")
+    ap.add_argument("--memory", choices=("process", "none"), default="process",
+                    help="peak memory from one process per configuration (default), or none: time only (faster)")
     ap.add_argument("--profile", action="store_true", help="print the top operations of KSampler and DCI per setup")
     args = ap.parse_args()
     if args.worker:
@@ -190,9 +185,8 @@ def main() -> int:
                             for m, a in CONFIGS}
                 mem = {k: v["peak_rss_mb"] for k, v in measured.items()}
                 own = {k: v["sampling_mb"] for k, v in measured.items()}
-            else:  # the timing process's own per-sample peaks (after a reset), to save the extra runs
-                own = timed["sampling_mb"]
-                mem = {k: float("nan") for k in own}
+            else:  # time only (a peak measured in the timing process would see the allocator's reused memory)
+                mem = own = {k: float("nan") for k in times}
             load = max(load0, load_average())
             base = "ksampler:0.0"
             base_t, base_m = times[base], mem[base]
@@ -203,7 +197,7 @@ def main() -> int:
                 k = ran[key]
                 bound = 1 + k / steps if guidance == "separate" else 1 + k / (2 * steps)
                 tr, mr = times[key] / base_t, mem[key] / base_m
-                sr = own[key] / own[base] if own[base] else float("nan")
+                sr = own[key] / own[base] if own[base] == own[base] and own[base] > 0 else float("nan")
                 sp = max(spread[key], spread[base])
                 rows.append(("DCI", split, guidance, model, res, steps, k, times[key], spread[key], mem[key], own[key],
                              tr, mr, sr, bound, load))
