@@ -331,6 +331,12 @@ class FixedBlend:
     def weights(self, p_c, p_a, **_masks):
         return torch.full(p_c.shape[:3], self.w, dtype=torch.float32)
 
+    def plan(self, **_masks):
+        return None
+
+    def weights_qk(self, q_c, k_c, q_a, k_a, heads, plan, chunk_size=None):
+        return torch.full((q_c.shape[0], heads, q_c.shape[1]), self.w, dtype=torch.float32)
+
 
 def dci_sample(model, positive, negative, latent: dict, settings, plan, seed: int = 7, steps: int = 6,
                cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", denoise: float = 1.0):

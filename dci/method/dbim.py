@@ -261,6 +261,71 @@ def blend_outputs(o_c: torch.Tensor, o_a: torch.Tensor, w_c: torch.Tensor, heads
     return (w * oc + (1 - w) * oa).reshape(b, n, inner)
 
 
+PIXEL_CHUNK_VALUES = 1 << 20
+"""Float32 values of logits per pixel chunk in ``token_maps`` (4 MB): rows * heads * chunk * T stays under it."""
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """A run's token masks as index tensors, checked once (``DBIMSettings.plan``), for ``weights_qk``.
+
+    ``prompt_c`` / ``prompt_a``: the indices of the real prompt tokens of each branch in the context;
+    ``concepts`` / ``aux``: positions *within those indices* of the tokens each map sums over (``aux`` may be
+    empty: m_a = 0; None when lam == 0).
+    """
+
+    prompt_c: torch.Tensor
+    concepts: tuple[torch.Tensor, ...]
+    prompt_a: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+
+
+def _positions(prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Positions within ``prompt``'s indices of the tokens in ``tokens & prompt`` (both [T] bool)."""
+    return (torch.cumsum(prompt.long(), 0) - 1)[tokens & prompt]
+
+
+def token_maps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: int,
+    prompt: torch.Tensor,
+    groups: Sequence[torch.Tensor],
+    tau: float,
+    chunk_size: int | None = None,
+) -> list[torch.Tensor]:
+    """m = sum over a group of softmax over the prompt tokens of tau * P, without materialising P.
+
+    The same maps as ``attention_probs`` followed by ``_token_map``, computed one pixel chunk at a time: the
+    logits of a chunk, their softmax over all T tokens (P), P's prompt columns, their tau-softmax (S) and
+    S's sum over each group. Memory is bounded by the chunk (``PIXEL_CHUNK_VALUES`` by default), and the
+    sharpening softmax runs over the L prompt tokens instead of all T. Results agree with the two-step
+    computation to float32 rounding (sums over L instead of T values with zeros).
+
+    Args:
+        q: projected queries [R, N, heads * d]; k: projected keys [R, T, heads * d].
+        prompt: [L] long indices of the real prompt tokens; groups: [G_i] long positions within ``prompt``.
+
+    Returns:
+        One float32 map [R, heads, N] per group.
+    """
+    rows, n, inner = q.shape
+    t = k.shape[1]
+    d = inner // heads
+    kt = k.float().reshape(rows, t, heads, d).permute(0, 2, 3, 1)  # [R, H, d, T]
+    if chunk_size is None or chunk_size <= 0:
+        chunk_size = max(1, PIXEL_CHUNK_VALUES // max(1, rows * heads * t))
+    maps = [torch.empty(rows, heads, n, dtype=torch.float32, device=q.device) for _ in groups]
+    scale = 1.0 / math.sqrt(d)
+    for s in range(0, n, chunk_size):
+        qh = q[:, s : s + chunk_size].float().reshape(rows, -1, heads, d).transpose(1, 2)  # [R, H, n', d]
+        p = torch.softmax(torch.matmul(qh, kt).mul_(scale), dim=-1)
+        sharp = torch.softmax(p.index_select(-1, prompt).mul_(tau), dim=-1)  # [R, H, n', L]
+        for m, group in zip(maps, groups, strict=True):
+            m[:, :, s : s + chunk_size] = sharp.index_select(-1, group).sum(dim=-1)
+    return maps
+
+
 @dataclass(frozen=True)
 class DBIMSettings:
     """The DBIM hyper-parameters, validated once so that a bad value fails before sampling starts."""
@@ -311,3 +376,62 @@ class DBIMSettings:
             lam=self.lam,
             normalization=self.normalization,
         )
+
+    def plan(
+        self,
+        *,
+        concept_tokens: torch.Tensor | Sequence[torch.Tensor],
+        aux_noun_tokens: torch.Tensor | None,
+        prompt_tokens_c: torch.Tensor,
+        prompt_tokens_a: torch.Tensor | None,
+    ) -> TokenPlan:
+        """The [T] masks of a run as a ``TokenPlan`` for ``weights_qk``, with ``dbim_weights``'s checks."""
+        concepts = [concept_tokens] if isinstance(concept_tokens, torch.Tensor) else list(concept_tokens)
+        masks = [*concepts, prompt_tokens_c] + ([] if prompt_tokens_a is None else [prompt_tokens_a])
+        if not concepts or any(m.dim() != 1 or m.shape != prompt_tokens_c.shape for m in masks):
+            raise ValueError("a token plan needs [T] masks of one context length, and at least one concept mask")
+        prompt_c = prompt_tokens_c.bool()
+        if not bool(prompt_c.any()):
+            raise ValueError("the concept branch's prompt mask has no real prompt tokens; pass a mask that marks "
+                             "the prompt's words (not SOS, EOS or padding)")
+        positions = tuple(_positions(prompt_c, c.bool()) for c in concepts)
+        if any(p.numel() == 0 for p in positions):
+            raise ValueError(
+                "the concept mask is empty (or lies outside the prompt tokens) in some row: the concept phrase "
+                "was not found in the concept branch's tokens, so DBIM has nothing to protect"
+            )
+        prompt_a = aux = None
+        if self.lam != 0.0:
+            if aux_noun_tokens is None or prompt_tokens_a is None:
+                raise ValueError("lam != 0 needs aux_tokens and prompt_tokens_a of the auxiliary branch")
+            pa = prompt_tokens_a.bool()
+            if not bool(pa.any()):
+                raise ValueError("the auxiliary branch's prompt mask has no real prompt tokens; pass a mask "
+                                 "that marks the prompt's words (not SOS, EOS or padding)")
+            aux = _positions(pa, auxiliary_map_tokens(aux_noun_tokens, pa, self.reading))
+            prompt_a = pa.nonzero().flatten()
+        return TokenPlan(prompt_c.nonzero().flatten(), positions, prompt_a, aux)
+
+    def weights_qk(
+        self,
+        q_c: torch.Tensor,
+        k_c: torch.Tensor,
+        q_a: torch.Tensor | None,
+        k_a: torch.Tensor | None,
+        heads: int,
+        plan: TokenPlan,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """``weights`` from the projected q [B, N, heads*d] and k [B, T, heads*d] of the two conditional rows,
+        chunk-wise (``token_maps``), so that P is never held whole; q_a and k_a are only read when lam != 0."""
+        normalize = NORMALIZATIONS[self.normalization]
+        logit = None
+        for m in token_maps(q_c, k_c, heads, plan.prompt_c, plan.concepts, self.tau, chunk_size):
+            m_c = normalize(m, self.tau, self.kappa)
+            logit = m_c if logit is None else torch.maximum(logit, m_c)
+        if self.lam != 0.0:
+            if q_a is None or k_a is None or plan.aux is None:
+                raise ValueError("lam != 0 needs the auxiliary rows' q and k and a plan made with lam != 0")
+            (m_a,) = token_maps(q_a, k_a, heads, plan.prompt_a, [plan.aux], self.tau, chunk_size)
+            logit = logit - self.lam * normalize(m_a, self.tau, self.kappa)
+        return torch.sigmoid(logit)

@@ -16,7 +16,7 @@ import comfy.lora
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-from ...method.dbim import DBIMSettings, attention_probs, blend_outputs
+from ...method.dbim import DBIMSettings, blend_outputs
 from ...method.token_spans import tile_mask
 from .. import seams
 from ..model import CrossAttentionLayer, cross_attention_layers
@@ -58,6 +58,16 @@ class DCIRun:
                                tiled(d.aux_noun_mask), tiled(d.aux_prompt_mask))
         return self.masks[key]
 
+    def plan_for(self, length: int, device=None):
+        """The settings' token plan (``DBIMSettings.plan``) for a context of ``length`` tokens on ``device``:
+        built and checked on a run's first blended layer call, then reused by every layer and step."""
+        key = ("plan", length, str(device))
+        if key not in self.masks:
+            concept, prompt_c, aux_noun, prompt_a = self.masks_for(length, device)
+            self.masks[key] = self.settings.plan(concept_tokens=concept, aux_noun_tokens=aux_noun,
+                                                 prompt_tokens_c=prompt_c, prompt_tokens_a=prompt_a)
+        return self.masks[key]
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
@@ -92,12 +102,12 @@ class DBIMPatch:
         if rows is None or run is None:
             return out
         c_rows, a_rows = rows
-        concept, prompt_c, aux_noun, prompt_a = run.masks_for(k.shape[1], q.device)
-        p_c = attention_probs(q[c_rows], k[c_rows], heads)
-        p_a = attention_probs(q[a_rows], k[a_rows], heads) if run.settings.lam != 0.0 else None
-        w = run.settings.weights(p_c, p_a, concept_tokens=concept, aux_noun_tokens=aux_noun,
-                                 prompt_tokens_c=prompt_c, prompt_tokens_a=prompt_a)
-        out = out.clone()
+        plan = run.plan_for(k.shape[1], q.device)
+        lam = run.settings.lam != 0.0
+        w = run.settings.weights_qk(q[c_rows], k[c_rows], q[a_rows] if lam else None, k[a_rows] if lam else None,
+                                    heads, plan)
+        if self.inner is not None:  # another extension's output: not ours to change in place
+            out = out.clone()
         out[c_rows] = blend_outputs(out[c_rows], out[a_rows], w.to(out.device), heads)
         return out
 
