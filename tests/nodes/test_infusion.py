@@ -10,15 +10,7 @@ from dci.comfyui.model import cross_attention_layers
 from dci.files.concept import load_concept
 from dev.fixtures import concepts_folder, write_concept
 from dev.fixtures import random_infusion_concept as infusion_concept
-
-
-def sample(comfy, model, clip, text, seed=3, steps=3):
-    pos = comfy.run_node("CLIPTextEncode", clip=clip, text=text)[0][0]
-    neg = comfy.run_node("CLIPTextEncode", clip=clip, text="")[0][0]
-    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)[0]
-    (out,), _ = comfy.run_node("KSampler", model=model, seed=seed, steps=steps, cfg=5.0, sampler_name="euler",
-                               scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)
-    return out["samples"]
+from dev.foreign_files import sample
 
 
 @pytest.fixture()
