@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--unet-config", default="",
                     help='JSON overrides of the UNet architecture (keys of dci.toyworld.model.UNET_CONFIG), '
                          'e.g. \'{"model_channels": 96}\'')
+    ap.add_argument("--detail-steps", type=int, default=0,
+                    help="UNet steps after --unet-steps with the text encoder frozen, a restarted lr and the loss "
+                         "weighted up on object and decoration cells (0: none)")
+    ap.add_argument("--detail-lr", type=float, default=2e-4)
+    ap.add_argument("--detail-object-weight", type=float, default=2.0)
+    ap.add_argument("--detail-decoration-weight", type=float, default=6.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--ema", type=float, default=0.998)
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if trained is None:
         return
     dm, clip, ema, named, _ = trained
-    write_model(dm, clip, taesd, ema, named, args, args.out, args.unet_steps, time.time() - t_start)
+    write_model(dm, clip, taesd, ema, named, args, args.out, args.unet_steps + args.detail_steps, time.time() - t_start)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {(time.time() - t_start) / 60:.1f} min")
 
 

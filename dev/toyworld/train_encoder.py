@@ -139,17 +139,6 @@ def target_scene(obj, avoid: str, rng: np.random.Generator):
                                jitter=jitter), bg, texture)
 
 
-def cell_weights(scene, object_weight: float, decoration_weight: float) -> torch.Tensor:
-    """[16, 16] loss weights: 1 + object_weight × object share + decoration_weight × decoration share."""
-    from dci.toyworld.render import CELL, decoration_pixels, object_pixels
-
-    def share(mask):
-        s = mask.shape[0] // CELL
-        return torch.from_numpy(mask.reshape(s, CELL, s, CELL).mean(axis=(1, 3)).astype(np.float32))
-
-    return 1.0 + object_weight * share(object_pixels(scene)) + decoration_weight * share(decoration_pixels(scene))
-
-
 def pool_item(seed: int, i: int, per_instance: int = 1):
     """Target ``i`` of the pool (a pure function of seed and i): instance ``i // per_instance`` in a scene of
     its own, so one instance has ``per_instance`` target scenes and none can be told from the references."""
@@ -193,6 +182,8 @@ def make_batch(rng: np.random.Generator, args, num_refs: int, pool: TargetPool, 
     captions name the instance's colour, shape and decorations instead of holding the trigger's rows (same
     draws otherwise)."""
     from dci.toyworld.render import caption, decoration_phrase, render_scene
+
+    from .train_io import cell_weights
 
     n = pool.size_at(step)
     pool.fill(n)

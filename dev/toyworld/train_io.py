@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dci.files.atomic import write_safetensors
@@ -55,3 +56,14 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
             state.setdefault(int(i), {})[name] = v
     sd["state"] = state
     opt.load_state_dict(sd)
+
+
+def cell_weights(scene, object_weight: float, decoration_weight: float) -> torch.Tensor:
+    """[16, 16] loss weights: 1 + object_weight × object share + decoration_weight × decoration share."""
+    from dci.toyworld.render import CELL, decoration_pixels, object_pixels
+
+    def share(mask):
+        s = mask.shape[0] // CELL
+        return torch.from_numpy(mask.reshape(s, CELL, s, CELL).mean(axis=(1, 3)).astype(np.float32))
+
+    return 1.0 + object_weight * share(object_pixels(scene)) + decoration_weight * share(decoration_pixels(scene))

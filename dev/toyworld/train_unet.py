@@ -5,6 +5,11 @@ mixtures: the schedule's last step still carries the image mean), caption dropou
 guidance, an EMA of the weights, and the attribute loss of stage 3 kept on at a small weight so the words stay
 apart while the UNet learns to use them. Checkpoints (weights, EMA, AdamW moments) are written atomically
 every few minutes; every step draws from its own seeded stream, so a resumed run equals a straight one.
+
+An optional **detail phase** (``--detail-steps``) follows the main schedule: a warm restart of the learning rate
+with the text encoder frozen (its file weights stay bit-identical, so anything trained against it stays valid)
+and the ε loss weighted up on the object's and the decorations' latent cells, where the small parts that make
+an instance live and a plain mean over 16×16 cells gives them a few percent of the gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train_io import fmt_eta, load_optimizer_tensors, load_st, log, optimizer_tensors, save_atomic
+from .train_io import (
+    cell_weights,
+    fmt_eta,
+    load_optimizer_tensors,
+    load_st,
+    log,
+    optimizer_tensors,
+    save_atomic,
+)
 from .train_text import AttributeHeads, CaptionTokens, caption_batch, encode, pretrain_text
 
 OPT_FORMAT = "2"  # how AdamW moments are named in unet_ckpt.safetensors (by parameter index)
@@ -83,12 +96,21 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
         log(f"UNet: resumed at step {start}")
 
-    total = args.unet_steps
-    log(f"UNet params {tm.count_parameters(dm):,}, text params {tm.count_parameters(te):,}; {total} steps, "
-        f"batch {args.batch}")
+    main_steps, detail_steps = args.unet_steps, getattr(args, "detail_steps", 0)
+    total = main_steps + detail_steps
+    log(f"UNet params {tm.count_parameters(dm):,}, text params {tm.count_parameters(te):,}; {main_steps} + "
+        f"{detail_steps} detail steps, batch {args.batch}")
+    cells = None
+    if detail_steps and start < total:
+        cells = torch.stack([cell_weights(s, args.detail_object_weight, args.detail_decoration_weight)
+                             for s in specs]).unsqueeze(1)  # [N, 1, 16, 16]
     t0, run, run_aux, last_ckpt = time.time(), None, None, time.time()
     warmup = 200
     for step in range(start, total):
+        detail = step >= main_steps
+        if detail and (step == start or step == main_steps):
+            for _, p in named[len(list(dm.parameters())):]:  # text encoder and heads: frozen from here on
+                p.requires_grad_(False)
         rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx, ids, labels = caption_batch(specs, rng, tokens, args.batch, args.caption_dropout)
@@ -98,21 +120,33 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=g)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        lr = args.lr * min(1.0, (step + 1) / warmup)
-        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total))
+        if detail:  # warm restart: its own warm-up and cosine
+            d = step - main_steps
+            lr = args.detail_lr * min(1.0, (d + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * d / detail_steps)))
+        else:
+            lr = args.lr * min(1.0, (step + 1) / warmup)
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / main_steps))
         for grp in opt.param_groups:
             grp["lr"] = lr
-        ctx = encode(encoder, ids)
-        loss = ((dm(xt, t.float(), context=ctx) - noise) ** 2).mean()
-        aux = heads.loss(ctx, ids, labels) if args.text_aux > 0 else torch.zeros(())
+        if detail:
+            with torch.no_grad():
+                ctx = encode(encoder, ids)
+            w = cells[torch.from_numpy(idx)]
+            loss = (((dm(xt, t.float(), context=ctx) - noise) ** 2) * w).mean() / w.mean()
+            aux = torch.zeros(())
+        else:
+            ctx = encode(encoder, ids)
+            loss = ((dm(xt, t.float(), context=ctx) - noise) ** 2).mean()
+            aux = heads.loss(ctx, ids, labels) if args.text_aux > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.text_aux * aux).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], 1.0)
         opt.step()
         decay = min(args.ema, (step + 1) / (step + 10))
         with torch.no_grad():
             for k, p in named:
-                ema[k].lerp_(p.detach(), 1 - decay)
+                if p.requires_grad:  # a frozen text encoder keeps its EMA (the file's weights) unchanged
+                    ema[k].lerp_(p.detach(), 1 - decay)
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         run_aux = aux.item() if run_aux is None else 0.98 * run_aux + 0.02 * aux.item()
 
@@ -155,9 +189,10 @@ def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, secon
             for k, p in named:
                 p.copy_(backup[k])
     recipe = ("seed", "batch", "images", "vae_steps", "decoder_steps", "lr", "offset_noise", "caption_dropout",
-              "text_steps", "text_aux")
+              "text_steps", "text_aux", "unet_steps", "detail_steps", "detail_lr", "detail_object_weight",
+              "detail_decoration_weight")
     extra = {"world_version": WORLD_VERSION, "steps": steps, "train_seconds": round(seconds, 1),
              "vae_from": args.vae_from.name if args.vae_from else "", "prediction": "eps", "zsnr": "false"}
-    extra.update({k: getattr(args, k) for k in recipe})
+    extra.update({k: getattr(args, k, 0) for k in recipe})
     meta = tm.file_metadata(tm.TEXT_CONFIG, unet_config(args), extra)
     save_atomic(sd, path, meta)

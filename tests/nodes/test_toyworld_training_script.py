@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -159,3 +160,25 @@ def test_vae_from_takes_another_files_vae(runs):
 
 def torch_equal(x, y) -> bool:
     return bool((x == y).all())
+
+
+def test_detail_phase_keeps_the_text_encoder_and_resumes_across_its_start(runs):
+    """--detail-steps continues the UNet with the text encoder frozen: the file's text encoder equals the one of
+    the run without the phase, bit for bit, while the UNet moves on; a run stopped inside the phase resumes to
+    the straight run's file."""
+    root, _, _, _ = runs
+    straight = train(root / "detail", root / "detail.safetensors", "--unet-steps", "2", "--detail-steps", "2")
+    assert "2 + 2 detail steps" in straight
+    stopped = train(root / "detail_resumed", root / "detail_resumed.safetensors", "--unet-steps", "2", "--detail-steps", "2",
+                    "--stop-at", "3")
+    assert "stopped at step 3 of 4" in stopped
+    train(root / "detail_resumed", root / "detail_resumed.safetensors", "--unet-steps", "2", "--detail-steps", "2")
+    meta = metadata(root / "detail.safetensors")
+    assert meta["toyworld.steps"] == "4" and meta["toyworld.detail_steps"] == "2"
+    plain, detail, resumed = (load_file(str(root / n)) for n in ("a.safetensors", "detail.safetensors", "detail_resumed.safetensors"))
+    text = [k for k in plain if k.startswith("cond_stage_model.")]
+    unet = [k for k in plain if k.startswith("model.diffusion_model.")]
+    assert text and unet
+    assert all(torch.equal(plain[k], detail[k]) for k in text)
+    assert not all(torch.equal(plain[k], detail[k]) for k in unet)
+    assert all(torch.equal(detail[k], resumed[k]) for k in detail)
