@@ -25,6 +25,7 @@ ico_step_ratio_vs_trainlora=<ours/theirs seconds per step> ico_peak_mem_ratio_vs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -79,6 +80,17 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, args.res, args.res, 3, generator=g)
 
+    if args.ablate == "text-fp32":  # the lever off: ComfyUI casts the text encoders' weights in every layer call
+        import contextlib as _cl
+
+        from dci.comfyui.training import loop
+
+        loop.weights_in = lambda module, dtype: _cl.nullcontext(0)
+    prof = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CPU])
     stamps: list[float] = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: stamps.append(
         time.perf_counter()))
@@ -91,7 +103,8 @@ def worker(args) -> None:
                       overwrite=True, resume=False, checkpoint_every=0, random_flip=True)
         rss_before = _rss_mb()
         t0 = time.perf_counter()
-        run("DCITrainConcept", **inputs)
+        with prof or contextlib.nullcontext():
+            run("DCITrainConcept", **inputs)
         total = time.perf_counter() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         path = Path(folder_paths.get_folder_paths("concepts")[0]) / "bench.safetensors"
@@ -111,7 +124,8 @@ def worker(args) -> None:
                       existing_lora=["[None]"])
         rss_before = _rss_mb()
         t0 = time.perf_counter()
-        out, _ = harness.run_node_lists("TrainLoraNode", **inputs)
+        with prof or contextlib.nullcontext():
+            out, _ = harness.run_node_lists("TrainLoraNode", **inputs)
         total = time.perf_counter() - t0
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         lora_sd = out[1][0]
@@ -122,11 +136,14 @@ def worker(args) -> None:
     intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     result.update(sec_per_step=statistics.median(intervals), setup_and_first=stamps[0] - t0, total=total,
                   peak_rss_mb=peak_kb / 1024, rss_before_mb=rss_before, steps=args.steps)
+    if prof is not None:
+        result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     report(result)
 
 
-def run_worker(trainer: str, res: int, steps: int, rank: int, args, checkpoint: Path) -> dict:
-    extra = ["--checkpointing"] if args.checkpointing else []
+def run_worker(trainer: str, res: int, steps: int, rank: int, args, checkpoint: Path, ablate: str = "") -> dict:
+    extra = (["--checkpointing"] if args.checkpointing else []) + (["--profile"] if args.profile else [])
+    extra += ["--ablate", ablate] if ablate else []
     return measure(__spec__.name, ["--trainer", trainer, "--res", str(res), "--steps", str(steps), "--rank", str(rank),
                                    "--checkpoint", str(checkpoint), "--threads", str(args.threads),
                                    "--images", str(args.images), "--batch", str(args.batch), *extra])
@@ -162,6 +179,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="images per step, for both trainers")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both trainers")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    ap.add_argument("--ablate", choices=("", "text-fp32"), default="",
+                    help="also run our trainer with this lever off (text-fp32: the text encoders' half-precision "
+                         "weights cast in every layer call, as ComfyUI does, instead of held in fp32 for the run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operations of each run (the profiler slows the steps)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -171,7 +193,7 @@ def main() -> int:
         return 0
     if args.images < 2:
         ap.error("--images must be at least 2 (Train LoRA needs a list of latents)")
-    lines, rows, sizes = [], [], []
+    lines, rows, sizes, lever_lines = [], [], [], []
     t_start = time.perf_counter()
     runs = [("sd15", r) for r in args.resolutions.split(",") if r.strip()]
     runs += [("sdxl", r) for r in args.sdxl_resolutions.split(",") if r.strip()]
@@ -192,6 +214,12 @@ def main() -> int:
             sizes.append((f"{res}px{tag}", ours["file_bytes"], theirs["file_bytes"]))
             rows.append((f"DCITrainConcept ico{tag}", "-", ours, res))
             rows.append((f"TrainLoraNode{tag}", rank, theirs, res))
+            if args.ablate:
+                off = run_worker("ico", res, steps, 0, args, checkpoints[arch], args.ablate)
+                rows.append((f"ico{tag}, {args.ablate} off", "-", off, res))
+                lever_lines.append(f"lever={args.ablate} step_ratio_on_vs_off={ours['sec_per_step'] / off['sec_per_step']:.3f} "
+                                   f"peak_mem_ratio_on_vs_off={ours['peak_rss_mb'] / off['peak_rss_mb']:.3f} res={res}"
+                                   + (f" arch={arch}" if tag else ""))
             step_ratio = ours["sec_per_step"] / theirs["sec_per_step"]
             mem_ratio = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
             lines.append(f"ico_step_ratio_vs_trainlora={step_ratio:.3f} ico_peak_mem_ratio_vs_trainlora="
@@ -207,7 +235,10 @@ def main() -> int:
     for res, ours_bytes, lora_bytes in sizes:
         print(f"concept file ({res} run): {ours_bytes / 2**20:.2f} MiB; Train LoRA tensors in fp32: "
               f"{lora_bytes / 2**20:.2f} MiB")
-    for line in lines:
+    if args.profile:
+        for name, _, r, res in rows:
+            print(f"\n{name} at {res}px, whole run ({r['steps']} steps):\n{r['profile']}")
+    for line in lever_lines + lines:
         print(line)
     return 0
 

@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from ..concept import base_fingerprint, base_kv_weights
 from .plan import Plan, plan_training
 from .preview import Previews
 from .settings import AUTOCAST, RESIDUAL_LR_SCALE, WEIGHT_DECAY, TrainingError, TrainSettings
+from .text_encoder import weights_in
 from .trainables import Trainables, token_key
 from .unet import (
     ROWS_KEY,
@@ -369,6 +371,10 @@ class TrainingRun:
         if self.done == 1 or self.done % max(1, s.steps // 20) == 0 or self.done == s.steps:
             log.info("concept %r step %d/%d loss %.5f", s.trigger, self.done, s.steps, value)
 
+    def _text_weights(self):
+        """fp32 runs: the text encoders' half-precision weights held in fp32 for the run (``weights_in``)."""
+        return weights_in(self.clip.cond_stage_model, torch.float32) if self.autocast is None else nullcontext()
+
     def train(self) -> None:
         """The steps, with the UNet and text encoder loaded by ComfyUI; checkpoints on schedule and on Cancel."""
         s = self.s
@@ -386,7 +392,8 @@ class TrainingRun:
             mm.throw_exception_if_processing_interrupted()
             pbar.update_absolute(self.done, s.steps)
         try:
-            with gradient_checkpointing(self.patcher.model.diffusion_model, s.gradient_checkpointing):
+            with (gradient_checkpointing(self.patcher.model.diffusion_model, s.gradient_checkpointing),
+                  self._text_weights()):
                 while self.done < s.steps:
                     mm.throw_exception_if_processing_interrupted()
                     self._step()

@@ -14,6 +14,8 @@ first end token, as ``SDClipModel`` counts it) for the model's ADM input.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from comfy.ldm.modules.attention import optimized_attention_for_device
 from comfy.ops import cast_to
@@ -198,6 +200,30 @@ class TextEncoders:
                 out = text_forward(p.module, embeds, checkpointing=self.checkpointing)
             outs.append(out)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), pooled
+
+
+@contextmanager
+def weights_in(module: torch.nn.Module, dtype: torch.dtype):
+    """For a training run: hold the half-precision weights of ``module``'s layers that ComfyUI casts on every
+    call (``comfy.ops`` manual-cast layers, as its text encoders load on a CPU) in ``dtype`` once, instead of
+    casting them in every layer of every forward pass (and keeping the casts for the backward pass). The
+    values are the casts' values, so outputs are unchanged; afterwards the very same weight tensors are back.
+    Embeddings stay as they are (a lookup casts only the rows it reads). Yields how many tensors it swapped."""
+    swapped = []
+    try:
+        for sub in module.modules():
+            if (not getattr(sub, "comfy_cast_weights", False) or isinstance(sub, torch.nn.Embedding)
+                    or getattr(sub, "weight_function", None) or getattr(sub, "bias_function", None)):
+                continue
+            for name in ("weight", "bias"):
+                p = getattr(sub, name, None)
+                if isinstance(p, torch.nn.Parameter) and p.dtype in (torch.float16, torch.bfloat16) and p.dtype != dtype:
+                    setattr(sub, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                    swapped.append((sub, name, p))
+        yield len(swapped)
+    finally:
+        for sub, name, p in reversed(swapped):
+            setattr(sub, name, p)
 
 
 def first_end(entries, end: int) -> int:
