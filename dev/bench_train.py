@@ -76,7 +76,12 @@ def worker(args) -> None:
     from dci.files.concept import load_concept
 
     run = harness.run_node
-    model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=harness.add_model_file(Path(args.checkpoint)))[0]
+    if args.checkpoint == "toy":  # the toy world's bundled model (its own small text encoder), as the demo trains it
+        model, clip, vae = run("DCIToyWorldLoader", model_name="toyworld_base.safetensors")[0]
+        noun, trigger = "circle", "sks"
+    else:
+        model, clip, vae = run("CheckpointLoaderSimple", ckpt_name=harness.add_model_file(Path(args.checkpoint)))[0]
+        noun, trigger = "dog", "qxz"
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, args.res, args.res, 3, generator=g)
 
@@ -96,7 +101,7 @@ def worker(args) -> None:
         time.perf_counter()))
     result: dict = {}
     if args.trainer == "ico":
-        inputs = dict(model=model, clip=clip, vae=vae, images=images, class_noun="dog", trigger_word="qxz",
+        inputs = dict(model=model, clip=clip, vae=vae, images=images, class_noun=noun, trigger_word=trigger,
                       num_tokens=2, mode="ico", prefix_context="photo of a", suffix_context=".", steps=args.steps,
                       batch_size=args.batch, learning_rate=1e-5, context_lr_multiplier=10.0, resolution=args.res,
                       seed=0, precision="fp32", gradient_checkpointing=args.checkpointing, save_name="bench",
@@ -114,7 +119,7 @@ def worker(args) -> None:
         result.update(trainable=sum(t.numel() for t in trained), file_bytes=path.stat().st_size,
                       lora_per_rank=per_rank, lora_fixed=fixed)
     else:
-        (pos,) = run("CLIPTextEncode", clip=clip, text="photo of a qxz dog")[0]
+        (pos,) = run("CLIPTextEncode", clip=clip, text=f"photo of a {trigger} {noun}")[0]
         (lat,) = run("VAEEncode", pixels=images, vae=vae)[0]
         (batches,), _ = harness.run_node_lists("RebatchLatents", latents=[lat], batch_size=[1])
         inputs = dict(model=[model], latents=batches, positive=[pos], batch_size=[args.batch],
@@ -173,6 +178,8 @@ def main() -> int:
     ap.add_argument("--resolutions", default="512,64", help="comma-separated pixel sizes (multiples of 64)")
     ap.add_argument("--sdxl-resolutions", default="1024", help="pixel sizes of the SDXL-architecture rows "
                     "(empty: none)")
+    ap.add_argument("--toy-resolutions", default="128", help="pixel sizes of the rows on the toy world's bundled "
+                    "model (its own 3.3 M-parameter text encoder; empty: none)")
     ap.add_argument("--steps", type=int, default=20, help="training steps below 512 px")
     ap.add_argument("--steps-512", type=int, default=4, help="training steps at 512 px and above (slow on a CPU)")
     ap.add_argument("--images", type=int, default=4, help="training images (at least 2)")
@@ -197,9 +204,12 @@ def main() -> int:
     t_start = time.perf_counter()
     runs = [("sd15", r) for r in args.resolutions.split(",") if r.strip()]
     runs += [("sdxl", r) for r in args.sdxl_resolutions.split(",") if r.strip()]
+    runs += [("toy", r) for r in args.toy_resolutions.split(",") if r.strip()]
     with tempfile.TemporaryDirectory(prefix="dci-bench-train-") as tmp:
         checkpoints: dict[str, Path] = {}
         for arch, res in [(a, int(r)) for a, r in runs]:
+            if arch == "toy":
+                checkpoints[arch] = Path("toy")
             if arch not in checkpoints:
                 checkpoints[arch] = Path(tmp) / f"tiny_{arch}.safetensors"
                 subprocess.run([sys.executable, "-m", __spec__.name, "--write-checkpoint", str(checkpoints[arch]),
