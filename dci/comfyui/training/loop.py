@@ -137,10 +137,13 @@ class TrainingRun:
         return [t for _, t in self.trained.named()]
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
-        """[2, N, 4, h, w]: the VAE latents of the images and of their mirror images, encoded once."""
+        """[2, N, 4, h, w]: the VAE latents of the images and of their mirror images, encoded once, one image
+        at a time (ComfyUI's VAE would encode as many as free memory allows at once; on a CPU that is all of
+        them, and the encoder's activations at full resolution then set the run's peak memory)."""
         with torch.no_grad():
             both = torch.cat([images, images.flip(2)]) if self.s.random_flip else images
-            lat = self.model.model.process_latent_in(self.vae.encode(both)).float().clone()
+            lat = torch.cat([self.vae.encode(both[i:i + 1]) for i in range(both.shape[0])])
+            lat = self.model.model.process_latent_in(lat).float().clone()
         if not torch.isfinite(lat).all():
             raise TrainingError("the VAE encoded the images to non-finite latents; check the VAE")
         return lat.view(2 if self.s.random_flip else 1, images.shape[0], *lat.shape[1:]).to(self.device)
@@ -372,8 +375,14 @@ class TrainingRun:
             log.info("concept %r step %d/%d loss %.5f", s.trigger, self.done, s.steps, value)
 
     def _text_weights(self):
-        """fp32 runs: the text encoders' half-precision weights held in fp32 for the run (``weights_in``)."""
-        return weights_in(self.clip.cond_stage_model, torch.float32) if self.autocast is None else nullcontext()
+        """fp32 runs: the text encoders' half-precision weights held in fp32 for the run (``weights_in``): as
+        fast as casting them once, and no more memory, since autograd keeps every layer's cast until the backward
+        pass anyway. Not with gradient checkpointing, which recomputes the layers and so keeps one cast at a
+        time: there the held copy would cost memory (1.6 GB for SDXL's encoders), which is what the user chose
+        to save."""
+        if self.autocast is not None or self.s.gradient_checkpointing:
+            return nullcontext()
+        return weights_in(self.clip.cond_stage_model, torch.float32)
 
     def train(self) -> None:
         """The steps, with the UNet and text encoder loaded by ComfyUI; checkpoints on schedule and on Cancel."""
