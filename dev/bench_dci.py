@@ -159,8 +159,9 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: steadier on a busy machine)")
     ap.add_argument("--setups", default=SETUPS, help=f"comma-separated model:res:steps (default {SETUPS})")
-    ap.add_argument("--memory", choices=("process", "none"), default="process",
-                    help="peak memory from one process per configuration (default), or none: time only (faster)")
+    ap.add_argument("--memory", choices=("process", "none", "only"), default="process",
+                    help="peak memory from one process per configuration (default); none: time only (faster); "
+                         "only: memory only (the peak needs a few steps, so a short --setups step count will do)")
     ap.add_argument("--profile", action="store_true", help="print the top operations of KSampler and DCI per setup")
     args = ap.parse_args()
     if args.worker:
@@ -178,9 +179,13 @@ def main() -> int:
                           f"load {load_average():.2f})\n{table}")
                 continue
             load0 = load_average()
-            timed = run_worker(model, "time", res, steps, 0.0, checkpoint, args.threads, args.repeats)
-            times, spread, ran = timed["seconds"], timed["spread"], timed["two_branch_steps"]
-            if args.memory == "process":
+            if args.memory == "only":  # no timing: memory from one process per configuration
+                times = {f"{m}:{a}": float("nan") for m, a in CONFIGS}
+                spread, ran = dict.fromkeys(times, float("nan")), dict.fromkeys(times, -1)
+            else:
+                timed = run_worker(model, "time", res, steps, 0.0, checkpoint, args.threads, args.repeats)
+                times, spread, ran = timed["seconds"], timed["spread"], timed["two_branch_steps"]
+            if args.memory in ("process", "only"):
                 measured = {f"{m}:{a}": run_worker(model, m, res, steps, a, checkpoint, args.threads, 1)
                             for m, a in CONFIGS}
                 mem = {k: v["peak_rss_mb"] for k, v in measured.items()}
@@ -196,6 +201,7 @@ def main() -> int:
                 key = f"{guidance}:{split}"
                 k = ran[key]
                 bound = 1 + k / steps if guidance == "separate" else 1 + k / (2 * steps)
+                bound = bound if k >= 0 else float("nan")  # --memory only: nothing timed, no count
                 tr, mr = times[key] / base_t, mem[key] / base_m
                 sr = own[key] / own[base] if own[base] == own[base] and own[base] > 0 else float("nan")
                 sp = max(spread[key], spread[base])

@@ -207,8 +207,10 @@ def weights_in(module: torch.nn.Module, dtype: torch.dtype):
     """For a training run: hold the half-precision weights of ``module``'s layers that ComfyUI casts on every
     call (``comfy.ops`` manual-cast layers, as its text encoders load on a CPU) in ``dtype`` once, instead of
     casting them in every layer of every forward pass (and keeping the casts for the backward pass). The
-    values are the casts' values, so outputs are unchanged; afterwards the very same weight tensors are back.
-    Embeddings stay as they are (a lookup casts only the rows it reads). Yields how many tensors it swapped."""
+    values are the casts' values, so outputs are unchanged. The half-precision tensors give up their memory
+    for the run and get their exact values back afterwards (half → fp32 → half is lossless), in the very same
+    parameter objects, also when the run fails. Embeddings stay as they are (a lookup casts only the rows it
+    reads). Yields how many tensors it swapped."""
     swapped = []
     try:
         for sub in module.modules():
@@ -218,11 +220,14 @@ def weights_in(module: torch.nn.Module, dtype: torch.dtype):
             for name in ("weight", "bias"):
                 p = getattr(sub, name, None)
                 if isinstance(p, torch.nn.Parameter) and p.dtype in (torch.float16, torch.bfloat16) and p.dtype != dtype:
-                    setattr(sub, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
-                    swapped.append((sub, name, p))
+                    held = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                    setattr(sub, name, held)
+                    swapped.append((sub, name, p, held))
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         yield len(swapped)
     finally:
-        for sub, name, p in reversed(swapped):
+        for sub, name, p, held in reversed(swapped):
+            p.data = held.detach().to(p.dtype)
             setattr(sub, name, p)
 
 
