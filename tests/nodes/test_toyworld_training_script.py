@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "dev" / "toyworld" / "train_base.py"
-SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4",
+SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4", "--detail-steps", "0",
          "--ckpt-minutes", "60"]
 
 
