@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--unet-config", default="",
                     help='JSON overrides of the UNet architecture (keys of dci.toyworld.model.UNET_CONFIG), '
                          'e.g. \'{"model_channels": 96}\'')
-    ap.add_argument("--detail-steps", type=int, default=4000,
+    ap.add_argument("--detail-steps", type=int, default=0,
                     help="UNet steps after --unet-steps with the text encoder frozen, a restarted lr and the loss "
                          "weighted up on object and decoration cells (0: none)")
     ap.add_argument("--detail-lr", type=float, default=2e-4)
