@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-name", default=None, help="another toy-world model file (DCI Toy World Loader list)")
     ap.add_argument("--train-steps", type=int, default=None, help="override the workflow's training steps")
     args = ap.parse_args(argv)
+    # a SIGTERM (a job runner's stop, kill) unwinds like Ctrl-C does, so the server below is stopped with us
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.time()
     host.ensure_local()
     copy_renders()
