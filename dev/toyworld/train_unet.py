@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,10 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     warmup = 200
     for step in range(start, total):
         detail = step >= main_steps
-        if detail and (step == start or step == main_steps):
-            for _, p in named[len(list(dm.parameters())):]:  # text encoder and heads: frozen from here on
-                p.requires_grad_(False)
+        if step == max(start, main_steps):  # the first detail step of this run
+            for k, p in named:
+                if not k.startswith("unet."):  # text encoder and heads: frozen from here on
+                    p.requires_grad_(False)
         rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx, ids, labels = caption_batch(specs, rng, tokens, args.batch, args.caption_dropout)
@@ -121,23 +123,20 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         if detail:  # warm restart: its own warm-up and cosine
-            d = step - main_steps
-            lr = args.detail_lr * min(1.0, (d + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * d / detail_steps)))
+            lr = warm_cosine(args.detail_lr, step - main_steps, detail_steps, 100)
         else:
-            lr = args.lr * min(1.0, (step + 1) / warmup)
-            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / main_steps))
+            lr = warm_cosine(args.lr, step, main_steps, warmup)
         for grp in opt.param_groups:
             grp["lr"] = lr
-        if detail:
-            with torch.no_grad():
-                ctx = encode(encoder, ids)
-            w = cells[torch.from_numpy(idx)]
-            loss = (((dm(xt, t.float(), context=ctx) - noise) ** 2) * w).mean() / w.mean()
-            aux = torch.zeros(())
-        else:
+        with torch.no_grad() if detail else nullcontext():
             ctx = encode(encoder, ids)
-            loss = ((dm(xt, t.float(), context=ctx) - noise) ** 2).mean()
-            aux = heads.loss(ctx, ids, labels) if args.text_aux > 0 else torch.zeros(())
+        err = (dm(xt, t.float(), context=ctx) - noise) ** 2
+        if detail:
+            w = cells[torch.from_numpy(idx)]
+            loss = (err * w).mean() / w.mean()
+        else:
+            loss = err.mean()
+        aux = heads.loss(ctx, ids, labels) if args.text_aux > 0 and not detail else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + args.text_aux * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], 1.0)
@@ -171,6 +170,12 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             log(f"stopped at step {done} of {total}; the same command without --stop-at resumes")
             return None
     return dm, clip, ema, named, elapsed_before + time.time() - t0
+
+
+def warm_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
+    """The learning rate at ``step`` of ``steps``: linear warm-up to ``peak``, then a cosine down to a tenth."""
+    lr = peak * min(1.0, (step + 1) / warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, seconds: float) -> None:
