@@ -5,8 +5,9 @@ bundled training renders of the "badge" concept into a folder of ComfyUI's input
 ``workflows/api/toyworld_demo.json``: Load Image Dataset from Folder reads the five renders (all on a white
 background, centred), the ICO trainer learns the concept from them, then each of four new prompts (other
 backgrounds, positions, sizes) is sampled with the stock KSampler and with the DCI KSampler. The demo follows the progress on the websocket, writes a
-labelled comparison grid, and prints the fidelity/editability metrics of every picture and where the files
-are.
+labelled comparison grid, and prints the fidelity/editability metrics of every picture, the two ends of the
+fidelity scale measured in the same run (``demo_yardstick``: the base model on the class prompt, VAE round trips
+of clean renders) with each sampler's normalised fidelity, and where the files are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from . import host
 from .comfy_client import format_execution_error
 from .comfy_server import ComfyServer
+from .demo_yardstick import measure as measure_yardstick
 from .grid import labelled_grid
 from .toyworld import concepts, fidelity
 
@@ -124,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         from PIL import Image
 
         grid = Image.open(io.BytesIO(client.view(grid_ref)))
+        concept = concepts.CONCEPTS[CONCEPT]
+        meter = fidelity.FidelityMeter(concept)
+        trigger = graph["11"]["inputs"]["trigger_word"]
+        print("measuring the fidelity scale: the base model on the class prompt, VAE round trips of clean renders")
+        floor, ceiling = measure_yardstick(client, graph, prompts, trigger, concept, host.LOCAL / "input", meter)
     out_dir = host.LOCAL / "output" / "dci"
     labelled_image = labelled(grid, prompts)
     path = unique_path(out_dir, "toyworld_demo_labelled")
@@ -131,20 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     labelled_image.save(tmp, format="PNG")
     tmp.replace(path)
 
-    concept = concepts.CONCEPTS[CONCEPT]
     print("\nmetrics (from pixels; fidelity = looks like the badge, editability = background/position/size as asked)")
     print(f"{'prompt':52} {'sampler':8} {'fidelity':>8} {'editability':>11}")
     totals = {"plain": [], "DCI": []}
     for prompt, (plain, dci) in zip(prompts, cells(grid, len(prompts)), strict=True):
         for name, img in (("plain", plain), ("DCI", dci)):
-            fid = fidelity.fidelity(img, concept)
+            fid = meter(img)
             edit = fidelity.mean_score(fidelity.editability_scores(img, prompt, concept))
             totals[name].append((fid, edit))
             print(f"{prompt:52} {name:8} {fid:8.2f} {edit:11.2f}")
+    print("fid_norm: 0 = the base model asked for a plain circle, 1 = clean renders of the badge through the VAE")
+    print(f"fidelity_floor={floor:.3f} fidelity_ceiling={ceiling:.3f}")
     for name, vals in totals.items():
         f = sum(v[0] for v in vals) / len(vals)
         e = sum(v[1] for v in vals) / len(vals)
-        print(f"sampler={name} fidelity={f:.3f} editability={e:.3f}")
+        norm = (f - floor) / (ceiling - floor) if ceiling > floor else float("nan")
+        print(f"sampler={name} fidelity={f:.3f} editability={e:.3f} fid_norm={norm:.3f}")
     for name in images:
         print(f"wrote {out_dir / name}")
     print(f"wrote {path}")
