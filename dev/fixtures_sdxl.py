@@ -6,7 +6,7 @@ multipliers, the output depths or the middle block. So this UNet has six levels 
 320 channels wide (``channel_mult`` 1), SDXL's input depths and one transformer per output block where SDXL has
 them, with heads of 64 channels as SDXL. The text encoders are ComfyUI's full SDXL pair (its config is fixed:
 CLIP-L and OpenCLIP-bigG, about 0.8 B parameters), saved in the checkpoint layout by ComfyUI's own
-``process_clip_state_dict_for_saving``; the VAE is a TAESD. About 1.7 GB in fp16; never committed.
+``process_clip_state_dict_for_saving``; the VAE is a TAESD. About 1.7 GB in fp16; never committed (tests take it from the host cache: ``cached_tiny_sdxl_checkpoint``).
 
 ``python3 dev/host.py python -m dev.fixtures_sdxl PATH`` writes one.
 """
@@ -88,6 +88,22 @@ def write_tiny_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
         return path
     return write_safetensors(path, tiny_sdxl_state_dict(seed),
                              {"purpose": "tiny random SDXL-architecture test model"})
+
+
+def cached_tiny_sdxl_checkpoint(seed: int = 0) -> Path:
+    """The tiny SDXL checkpoint in the host cache (``dev/host.py``'s cache root, outside any checkout), written
+    on first use and shared by later test runs: generating and writing its 1.7 GB takes about a minute on a
+    CPU. The file name carries a hash of what decides its bytes (this module, the host's packages, the seed),
+    so a change to any of them writes a new file instead of reusing a stale one."""
+    import hashlib
+
+    from . import host
+
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    key.update(f"host={host.host_key()};torch={torch.__version__};seed={seed}".encode())
+    folder = host.cache_root() / "test-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_tiny_sdxl_checkpoint(folder / f"tiny_sdxl-{key.hexdigest()[:12]}.safetensors", seed)
 
 
 def main(argv: list[str] | None = None) -> int:

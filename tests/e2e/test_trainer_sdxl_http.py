@@ -22,15 +22,15 @@ TEMPLATE = "sdxl_train_and_sample"
 
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(server):
-    """The SDXL-detected tiny checkpoint (written once into the in-process models folder, then reused), linked
-    into the server's checkpoints, and a folder of three photos of different sizes in its input folder."""
-    import folder_paths
+    """The SDXL-detected tiny checkpoint (written once into the host cache, then reused by every run), linked
+    into the server's checkpoints as tiny_sdxl.safetensors, and a folder of three photos of different sizes in
+    its input folder."""
     from PIL import Image
 
-    from dev.fixtures_sdxl import write_tiny_sdxl_checkpoint
+    from dev.fixtures_sdxl import cached_tiny_sdxl_checkpoint
 
-    cached = write_tiny_sdxl_checkpoint(folder_paths.get_folder_paths("checkpoints")[0] + "/tiny_sdxl.safetensors")
-    link = server.base / "models" / "checkpoints" / cached.name
+    cached = cached_tiny_sdxl_checkpoint()
+    link = server.base / "models" / "checkpoints" / "tiny_sdxl.safetensors"
     if not link.exists():
         os.symlink(cached, link)
     folder = server.base / "input" / "dci_sdxl_set"
@@ -39,7 +39,7 @@ def sdxl_checkpoint(server):
     for i, (h, w) in enumerate(((72, 96), (64, 64), (100, 80))):
         pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"photo_{i}.png")
-    return cached.name
+    return link.name
 
 
 def graph(ckpt: str, save_name: str) -> dict:

@@ -1,10 +1,11 @@
-"""The toy base model's training script, on a few dozen scenes and a handful of steps (batch 4): it writes a
+"""The toy base model's training script, on 16 scenes and a handful of steps (batch 4): it writes a
 file the toy-world loader runs, resumes every stage from its work folder, a resumed run ends bit-identical to
 a straight one, and it never replaces an existing model file unasked."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "dev" / "toyworld" / "train_base.py"
-SMALL = ["--images", "48", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4", "--detail-steps", "0",
+SMALL = ["--images", "16", "--vae-steps", "4", "--decoder-steps", "2", "--text-steps", "3", "--batch", "4", "--detail-steps", "0",
          "--ckpt-minutes", "60"]
 
 
@@ -26,6 +27,19 @@ def train(work: Path, out: Path, *extra: str) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+STAGES = ("vae.safetensors", "decoder.safetensors", "text.safetensors")  # what the stages before the UNet leave
+
+
+def seeded(root: Path, name: str) -> Path:
+    """A new work folder holding the finished VAE, decoder and text stages of the first run ("short"), so the
+    run starts at the UNet stage (the earlier stages are deterministic: a fresh run would write the same files)."""
+    work = root / name
+    work.mkdir()
+    for stage in STAGES:
+        shutil.copyfile(root / "short" / stage, work / stage)
+    return work
 
 
 def metadata(path: Path) -> dict[str, str]:
@@ -39,10 +53,10 @@ def runs(comfy, tmp_path_factory):
     4-step run straight through (c)."""
     root = tmp_path_factory.mktemp("toy_train")
     first = train(root / "short", root / "a.safetensors", "--unet-steps", "2")
-    stopped = train(root / "resumed", root / "b.safetensors", "--unet-steps", "4", "--stop-at", "2")
+    stopped = train(seeded(root, "resumed"), root / "b.safetensors", "--unet-steps", "4", "--stop-at", "2")
     assert "stopped at step 2 of 4" in stopped and not (root / "b.safetensors").exists()
     resumed = train(root / "resumed", root / "b.safetensors", "--unet-steps", "4")
-    straight = train(root / "straight", root / "c.safetensors", "--unet-steps", "4")
+    straight = train(seeded(root, "straight"), root / "c.safetensors", "--unet-steps", "4")
     return root, first, resumed, straight
 
 
@@ -167,9 +181,9 @@ def test_detail_phase_keeps_the_text_encoder_and_resumes_across_its_start(runs):
     the run without the phase, bit for bit, while the UNet moves on; a run stopped inside the phase resumes to
     the straight run's file."""
     root, _, _, _ = runs
-    straight = train(root / "detail", root / "detail.safetensors", "--unet-steps", "2", "--detail-steps", "2")
+    straight = train(seeded(root, "detail"), root / "detail.safetensors", "--unet-steps", "2", "--detail-steps", "2")
     assert "2 + 2 detail steps" in straight
-    stopped = train(root / "detail_resumed", root / "detail_resumed.safetensors", "--unet-steps", "2", "--detail-steps", "2",
+    stopped = train(seeded(root, "detail_resumed"), root / "detail_resumed.safetensors", "--unet-steps", "2", "--detail-steps", "2",
                     "--stop-at", "3")
     assert "stopped at step 3 of 4" in stopped
     train(root / "detail_resumed", root / "detail_resumed.safetensors", "--unet-steps", "2", "--detail-steps", "2")
