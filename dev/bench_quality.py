@@ -109,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="euler", help="sampler name")
     p.add_argument("--train-steps", type=int, default=600, help="training steps per concept and method")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
+    p.add_argument("--prefix", default=TRAIN["prefix_context"],
+                   help="the training captions' words before the trigger: the fixed words of cd and infusion, "
+                        "the starting words of ico's learned prefix ('a' is the toy world's own caption start)")
     p.add_argument("--dci", default=DEFAULT_DCI,
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
@@ -245,7 +248,8 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
             "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=self.training_renders(concept),
             class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=steps,
             save_name=f"bench_quality_{label}_{name}", **extra,
-            **{**TRAIN, "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
+            **{**TRAIN, "prefix_context": self.args.prefix,
+               "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
         self._tick(f"train {label}", t0)
         return model, clip, ref
 

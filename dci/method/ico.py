@@ -3,8 +3,9 @@
 ICO (Image-specific Context Optimization) captions concept image i as
 ``[SOS] P_i V* <class noun> S_i [EOS, pad...]``: ``P_i`` and ``S_i`` are learnable vectors in the text
 encoder's *input-embedding* space, ``V*`` are the k learnable modifier-token rows, everything else is a
-token id of the frozen vocabulary. Custom Diffusion, the baseline, is the same caption with the fixed words
-"photo of a" as prefix and no suffix.
+token id of the frozen vocabulary. Custom Diffusion, the baseline, is the same caption with fixed words as
+prefix (by default "photo of a"; the trainer's ``prefix_context``, as the official code's instance prompt) and
+no suffix.
 
 The caption is assembled here, in token-embedding space, as a list of *entries* (a token id or one learned
 row per position). Position embeddings are added only afterwards, by the text encoder, to the assembled

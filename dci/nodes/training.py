@@ -95,12 +95,14 @@ class DCITrainConcept:
                 "num_tokens": _ranged("INT", "num_tokens", "Learned token vectors behind the trigger word; they "
                                       "start from rarely used tokens."),
                 "mode": spec(list(ico.MODES), "ico: every image gets learnable caption contexts (better "
-                             "editability). custom_diffusion: the fixed caption 'photo of a <trigger> <class>' "
-                             "(baseline). infusion: the same caption, but only one residual vector per "
+                             "editability). custom_diffusion: the fixed caption '<prefix_context> <trigger> "
+                             "<class>', by default 'photo of a <trigger> <class>' (baseline). infusion: the same caption, but only one residual vector per "
                              "cross-attention layer trains (added to the values at the trigger's tokens; the "
                              "trigger's token vectors stay fixed).", default=d.mode),
                 "prefix_context": spec("STRING", "ico: words the per-image prefix starts from (its length is "
-                                       "their token count), or a number N for N random tokens; empty for none.",
+                                       "their token count), or a number N for N random tokens; empty for none. "
+                                       "custom_diffusion/infusion: the fixed words before the trigger (words or "
+                                       "empty), e.g. in the language the model's captions use.",
                                        default=d.prefix),
                 "suffix_context": spec("STRING", "ico: words (or a number of random tokens) the per-image suffix "
                                        "starts from; empty for none.", default=d.suffix),

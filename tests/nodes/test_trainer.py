@@ -133,6 +133,20 @@ def test_ico_and_custom_diffusion_differ_only_in_the_captions(setup):
     assert all(torch.equal(a.concept.kv_deltas[k], b.concept.kv_deltas[k]) for k in a.concept.kv_deltas)
 
 
+def test_custom_diffusion_takes_its_caption_words_from_prefix_context(setup):
+    """custom_diffusion's fixed caption is '<prefix_context> <trigger> <class>' ("photo of a" by default, as before):
+    with "a" it sees at step 1 what an ICO prefix starting as "a" sees, not what the default caption sees; an ICO
+    context length (a number) is refused with the reason."""
+    comfy, model, clip, vae, images = setup
+    ico_a = direct(model, clip, vae, images, "t_pre_ico", steps=1, prefix_context="a", suffix_context="")
+    cd_a = direct(model, clip, vae, images, "t_pre_cd", steps=1, mode="custom_diffusion", prefix_context="a",
+                  suffix_context="ignored by custom_diffusion")
+    cd_default = direct(model, clip, vae, images, "t_pre_cd0", steps=1, mode="custom_diffusion")
+    assert cd_a.losses == ico_a.losses and cd_a.losses != cd_default.losses
+    with pytest.raises(TrainingError, match="prefix_context must be words"):
+        direct(model, clip, vae, images, "t_pre_n", steps=1, mode="custom_diffusion", prefix_context="4")
+
+
 def test_loss_falls_when_overfitting_one_image(setup):
     """Same seed, same draws per step: training at a real rate ends below training at a negligible one."""
     comfy, model, clip, vae, images = setup

@@ -37,6 +37,16 @@ class Plan:
     warnings: list[str]
 
 
+def fixed_prefix(text: str, mode: str) -> str:
+    """The words before the trigger in the custom_diffusion/infusion caption: ``prefix_context`` as written
+    (default "photo of a"; empty for none). A number of random tokens is an ICO context and is refused here."""
+    spec = ico.parse_context_spec(text)
+    if spec.length:
+        raise TrainingError(f"{mode} trains on a fixed caption: prefix_context must be words (e.g. "
+                            f"'{ico.CUSTOM_DIFFUSION_PREFIX}') or empty, not a number of random tokens ({text!r})")
+    return spec.words
+
+
 def _check_images(images, reg_images, settings: TrainSettings) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
         raise TrainingError("no concept images: connect an IMAGE batch with at least one image")
@@ -128,8 +138,8 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
             raise TrainingError(f"the class noun {noun!r} gives no tokens")
     if settings.mode == "ico":
         prefix, suffix = ico.parse_context_spec(settings.prefix), ico.parse_context_spec(settings.suffix)
-    else:
-        prefix, suffix = ico.ContextSpec(words=ico.CUSTOM_DIFFUSION_PREFIX), ico.ContextSpec()
+    else:  # the fixed caption "<prefix words> <trigger> <class>", as the official code's --instance_prompt
+        prefix, suffix = ico.ContextSpec(words=fixed_prefix(settings.prefix, settings.mode)), ico.ContextSpec()
     none = {k: [] for k in text.keys}
     prefix_entries = text.word_entries(prefix.words, "prefix") if prefix.words else none
     suffix_entries = text.word_entries(suffix.words, "suffix") if suffix.words else none

@@ -1,0 +1,113 @@
+"""Where a fine-tuned concept's fidelity gets lost: one concept trained as ``make bench-quality`` trains it, then
+sampled with three kinds of prompt.
+
+- ``template``: the caption the trainer trained on ("photo of a sks circle"; for ico the words its learned
+  contexts started from): does the model reproduce the concept at all?
+- ``train_scene``: a toy-world caption of the training renders' own scene ("a large sks circle in the centre
+  on a white background"): does the trigger carry into the world's caption language?
+- ``eval``: the benchmark's evaluation prompts (other backgrounds, positions, sizes).
+
+Prints one ``probe=<kind> fidelity=… colours=… layout=… texture=… shape=… editability=… n=…`` line per kind
+(fidelity and its four parts, ``dev/toyworld/fidelity.py``; editability where the prompt asks for a scene),
+plus the scale's two ends measured in the same run (``fidelity_floor=… fidelity_ceiling=…``).
+
+``--prefix`` sets the trainer's ``prefix_context``: the fixed words before the trigger for custom_diffusion and
+infusion (default "photo of a", words the toy world's captions never use; "a" is how they start), the starting
+words of ICO's learned prefix.
+
+``python3 dev/host.py python -m dev.concept_probe --concept badge --mode custom_diffusion [--prefix a]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from . import harness
+
+
+def parse_args(argv=None):
+    from .bench_quality import TRAIN
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concept", default="badge")
+    p.add_argument("--mode", default="custom_diffusion", choices=("ico", "custom_diffusion", "infusion"))
+    p.add_argument("--steps", type=int, default=600, help="training steps (the bench's budget)")
+    p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
+    p.add_argument("--prompts", type=int, default=12, help="evaluation prompts (the bench's default)")
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    harness.boot()
+    import torch
+
+    from dci.toyworld.render import IMAGE_SIZE, render_scene
+
+    from .bench_quality import N_TRAIN_IMAGES, TRAIN, TRIGGER, pick_scenes
+    from .demo_yardstick import class_prompt
+    from .toyworld import fidelity as fid
+    from .toyworld.concepts import CONCEPTS, concept_prompt, training_images, training_scenes
+
+    torch.set_num_threads(args.threads)
+    run = harness.run_node
+    concept = CONCEPTS[args.concept]
+    meter = fid.FidelityMeter(concept)
+    base, base_clip, vae = run("DCIToyWorldLoader", model_name="toyworld_base.safetensors")[0]
+    (negative,) = run("CLIPTextEncode", clip=base_clip, text="")[0]
+
+    def sample(model, clip, text: str, seed: int) -> np.ndarray:
+        (pos,) = run("CLIPTextEncode", clip=clip, text=text)[0]
+        (latent,) = run("EmptyLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=args.seeds)[0]
+        (out,) = run("KSampler", model=model, seed=seed, steps=20, cfg=4.5, sampler_name="euler", scheduler="normal",
+                     positive=pos, negative=negative, latent_image=latent, denoise=1.0)[0]
+        (images,) = run("VAEDecode", vae=vae, samples=out)[0]
+        return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def report(kind: str, batches: list[tuple[str, np.ndarray]], scene_prompts: bool = True) -> None:
+        parts, edits = [], []
+        for prompt, images in batches:
+            for img in images:
+                parts.append(meter.parts(img))
+                if scene_prompts:
+                    edits.append(fid.mean_score(fid.editability_scores(img, prompt, concept)))
+        mean = {k: float(np.mean([p[k] for p in parts])) for k in ("fidelity", "colours", "layout", "texture", "shape")}
+        edit = f"{np.mean(edits):.3f}" if edits else "-"
+        print(f"probe={kind} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()) + f" editability={edit} n={len(parts)}",
+              flush=True)
+
+    scenes = pick_scenes(concept, args.prompts)
+    floor = [meter(img) for i, sc in enumerate(scenes)
+             for img in sample(base, base_clip, class_prompt(concept_prompt(sc, TRIGGER, concept), TRIGGER), 1000 + i)]
+    pixels = torch.from_numpy(np.stack([render_scene(s) for s in scenes]).astype(np.float32) / 255.0)
+    (latent,) = run("VAEEncode", vae=vae, pixels=pixels)[0]
+    (decoded,) = run("VAEDecode", vae=vae, samples=latent)[0]
+    ceiling = [meter(img) for img in (decoded.clamp(0, 1).numpy() * 255).round().astype(np.uint8)]
+    print(f"fidelity_floor={np.mean(floor):.3f} fidelity_ceiling={np.mean(ceiling):.3f}", flush=True)
+
+    pixels = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
+    t0 = time.perf_counter()
+    settings = {**TRAIN, "learning_rate": args.lr, "prefix_context": args.prefix}
+    model, clip, _, _ = run("DCITrainConcept", model=base, clip=base_clip, vae=vae, images=pixels,
+                            class_noun=concept.class_noun, trigger_word=TRIGGER, mode=args.mode, steps=args.steps,
+                            save_name=f"concept_probe_{args.mode}_{args.concept}", **settings)[0]
+    prefix = args.prefix
+    print(f"# trained {args.mode} on {args.concept}: {args.steps} steps at {args.lr:g} in "
+          f"{time.perf_counter() - t0:.0f} s; template prefix {prefix!r}", flush=True)
+    template = f"{prefix} {TRIGGER} {concept.class_noun}".strip()
+    report("template", [(template, sample(model, clip, template, 1 + i)) for i in range(max(1, args.prompts // 2))],
+           scene_prompts=False)
+    own = concept_prompt(training_scenes(concept, 1, 0)[0], TRIGGER, concept)
+    report("train_scene", [(own, sample(model, clip, own, 1 + i)) for i in range(max(1, args.prompts // 2))])
+    report("eval", [(p, sample(model, clip, p, 1000 + i))
+                    for i, p in enumerate(concept_prompt(sc, TRIGGER, concept) for sc in scenes)])
+
+
+if __name__ == "__main__":
+    main()
