@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--concept", default="badge")
     p.add_argument("--mode", default="custom_diffusion", choices=("ico", "custom_diffusion", "infusion"))
     p.add_argument("--steps", type=int, default=600, help="training steps (the bench's budget)")
-    p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
+    p.add_argument("--lr", type=float, default=TRAIN["learning_rate"],
+                   help="per-image learning rate (infusion: the bench's --infusion-lr default)")
     p.add_argument("--prompts", type=int, default=12, help="evaluation prompts (the bench's default)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
@@ -45,30 +46,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    harness.boot()
-    import torch
+    from . import bench_quality as bq
 
-    from dci.toyworld.render import IMAGE_SIZE, render_scene
+    # the bench's own sampling, ceiling and training, with the probe's settings (it boots ComfyUI)
+    bench = bq.Bench(bq.parse_args(["--seeds", str(args.seeds), "--lr", str(args.lr), "--prefix", args.prefix,
+                                    "--train-steps", str(args.steps), "--threads", str(args.threads)]))
+    from dci.toyworld.render import caption
 
-    from .bench_quality import N_TRAIN_IMAGES, TRAIN, TRIGGER, pick_scenes
-    from .demo_yardstick import class_prompt
     from .toyworld import fidelity as fid
-    from .toyworld.concepts import CONCEPTS, concept_prompt, training_images, training_scenes
+    from .toyworld.concepts import CONCEPTS, concept_prompt, training_scenes
 
-    torch.set_num_threads(args.threads)
     run = harness.run_node
     concept = CONCEPTS[args.concept]
-    meter = fid.FidelityMeter(concept)
-    base, base_clip, vae = run("DCIToyWorldLoader", model_name="toyworld_base.safetensors")[0]
-    (negative,) = run("CLIPTextEncode", clip=base_clip, text="")[0]
+    meter = bench.meter(args.concept, concept)
 
     def sample(model, clip, text: str, seed: int) -> np.ndarray:
         (pos,) = run("CLIPTextEncode", clip=clip, text=text)[0]
-        (latent,) = run("EmptyLatentImage", width=IMAGE_SIZE, height=IMAGE_SIZE, batch_size=args.seeds)[0]
-        (out,) = run("KSampler", model=model, seed=seed, steps=20, cfg=4.5, sampler_name="euler", scheduler="normal",
-                     positive=pos, negative=negative, latent_image=latent, denoise=1.0)[0]
-        (images,) = run("VAEDecode", vae=vae, samples=out)[0]
-        return (images.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        return bench.sample(model, pos, seed, None)
 
     def report(kind: str, batches: list[tuple[str, np.ndarray]], scene_prompts: bool = True) -> None:
         parts, edits = [], []
@@ -82,31 +76,23 @@ def main(argv=None) -> None:
         print(f"probe={kind} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()) + f" editability={edit} n={len(parts)}",
               flush=True)
 
-    scenes = pick_scenes(concept, args.prompts)
+    scenes = bq.pick_scenes(concept, args.prompts)
     floor = [meter(img) for i, sc in enumerate(scenes)
-             for img in sample(base, base_clip, class_prompt(concept_prompt(sc, TRIGGER, concept), TRIGGER), 1000 + i)]
-    pixels = torch.from_numpy(np.stack([render_scene(s) for s in scenes]).astype(np.float32) / 255.0)
-    (latent,) = run("VAEEncode", vae=vae, pixels=pixels)[0]
-    (decoded,) = run("VAEDecode", vae=vae, samples=latent)[0]
-    ceiling = [meter(img) for img in (decoded.clamp(0, 1).numpy() * 255).round().astype(np.uint8)]
-    print(f"fidelity_floor={np.mean(floor):.3f} fidelity_ceiling={np.mean(ceiling):.3f}", flush=True)
+             for img in sample(bench.model, bench.clip, caption(sc, noun=concept.class_noun), 1000 + i)]
+    bench.ceiling(args.concept, concept, scenes)
+    print(f"fidelity_floor={np.mean(floor):.3f} fidelity_ceiling={np.mean(bench.ceilings):.3f}", flush=True)
 
-    pixels = torch.from_numpy(training_images(concept, N_TRAIN_IMAGES, seed=0).astype(np.float32) / 255.0)
     t0 = time.perf_counter()
-    settings = {**TRAIN, "learning_rate": args.lr, "prefix_context": args.prefix}
-    model, clip, _, _ = run("DCITrainConcept", model=base, clip=base_clip, vae=vae, images=pixels,
-                            class_noun=concept.class_noun, trigger_word=TRIGGER, mode=args.mode, steps=args.steps,
-                            save_name=f"concept_probe_{args.mode}_{args.concept}", **settings)[0]
-    prefix = args.prefix
-    print(f"# trained {args.mode} on {args.concept}: {args.steps} steps at {args.lr:g} in "
-          f"{time.perf_counter() - t0:.0f} s; template prefix {prefix!r}", flush=True)
-    template = f"{prefix} {TRIGGER} {concept.class_noun}".strip()
+    model, clip, _ = bench.train(args.mode, args.concept, concept, label=f"probe_{args.mode}")
+    print(f"# trained {args.mode} on {args.concept}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; "
+          f"template prefix {args.prefix!r}", flush=True)
+    template = f"{args.prefix} {bq.TRIGGER} {concept.class_noun}".strip()
     report("template", [(template, sample(model, clip, template, 1 + i)) for i in range(max(1, args.prompts // 2))],
            scene_prompts=False)
-    own = concept_prompt(training_scenes(concept, 1, 0)[0], TRIGGER, concept)
+    own = concept_prompt(training_scenes(concept, 1, 0)[0], bq.TRIGGER, concept)
     report("train_scene", [(own, sample(model, clip, own, 1 + i)) for i in range(max(1, args.prompts // 2))])
     report("eval", [(p, sample(model, clip, p, 1000 + i))
-                    for i, p in enumerate(concept_prompt(sc, TRIGGER, concept) for sc in scenes)])
+                    for i, p in enumerate(concept_prompt(sc, bq.TRIGGER, concept) for sc in scenes)])
 
 
 if __name__ == "__main__":
