@@ -7,7 +7,8 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
   editability a model has without the concept, and the fidelity of "just the class" (the scale's 0);
 - ``base_desc``: the base model with the concept's full nameable description ("a large red circle with
   yellow stripes and a blue star emblem at the left ..."): what words alone reach;
-- ``cd``: DCI Train Concept, mode custom_diffusion (template caption "photo of a sks circle");
+- ``cd``: DCI Train Concept, mode custom_diffusion (caption "a sks circle": ``--prefix``, default the toy world's
+  own caption start "a"; the node's default "photo of a" is SD's, which the toy world's captions never use);
 - ``ico``: DCI Train Concept, mode ico (per-image contexts);
 - ``infusion``: DCI Train Concept, mode infusion (one residual vector per cross-attention layer on the values
   at the trigger's tokens; keys locked), at its own learning rate (``--infusion-lr``: the default gives the
@@ -86,8 +87,10 @@ from .grid import labelled_grid
 
 
 # The shared training budget of every method (see docs/benchmarks.md for how it was chosen). No flips: the
-# concepts' emblems sit at the upper left or right, and fidelity tells a mirrored instance apart.
-TRAIN = dict(num_tokens=2, prefix_context="photo of a", suffix_context=".", batch_size=4,
+# concepts' emblems sit at the upper left or right, and fidelity tells a mirrored instance apart. The caption
+# starts as the world's own captions do ("a"): measured in docs/benchmarks.md, "photo of a" (words the toy
+# world never saw) keeps the concept from carrying into the evaluation prompts.
+TRAIN = dict(num_tokens=2, prefix_context="a", suffix_context=".", batch_size=4,
              learning_rate=1e-3, context_lr_multiplier=10.0, resolution=128, seed=0, precision="fp32",
              gradient_checkpointing=False, overwrite=True, resume=False, checkpoint_every=0, random_flip=False)
 N_TRAIN_IMAGES = 5

@@ -12,10 +12,10 @@ Prints one ``probe=<kind> fidelity=… colours=… layout=… texture=… shape=
 plus the scale's two ends measured in the same run (``fidelity_floor=… fidelity_ceiling=…``).
 
 ``--prefix`` sets the trainer's ``prefix_context``: the fixed words before the trigger for custom_diffusion and
-infusion (default "photo of a", words the toy world's captions never use; "a" is how they start), the starting
-words of ICO's learned prefix.
+infusion (default the bench's "a", how the toy world's captions start; "photo of a", the node's default, uses
+words those captions never do), the starting words of ICO's learned prefix.
 
-``python3 dev/host.py python -m dev.concept_probe --concept badge --mode custom_diffusion [--prefix a]``
+``python3 dev/host.py python -m dev.concept_probe --concept badge --mode custom_diffusion [--prefix "photo of a"]``
 """
 
 from __future__ import annotations
