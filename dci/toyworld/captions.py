@@ -93,9 +93,9 @@ def _article(word: str | None) -> str:
 
 _COLOUR_RE = "|".join(COLOURS)
 _SHAPE_RE = "|".join(SHAPES)
-_OBJECT_RE = re.compile(
-    rf"^an? (?:(?P<size>small|large) )?(?:(?P<colour>{_COLOUR_RE}) )?(?P<shape>{_SHAPE_RE})\b"
-)
+# The words between the article and the shape: size and colour, and possibly a word outside the world's
+# vocabulary (a concept's trigger: "a small sks circle", "a sks red circle").
+_OBJECT_RE = re.compile(rf"^an? (?P<words>(?:\w+ ){{0,3}}?)(?P<shape>{_SHAPE_RE})\b")
 _PATTERN_RE = re.compile(rf"(?:with|and) (?:an? )?(?P<c>{_COLOUR_RE}) (?P<p>stripes|dots|band)\b")
 _EMBLEM_RE = re.compile(rf"(?:with|and) an? (?P<c>{_COLOUR_RE}) (?P<e>{'|'.join(EMBLEM_SHAPES)}) emblem")
 _BACKGROUND_RE = re.compile(rf"on an? (?P<bg>{_COLOUR_RE})(?: (?P<tex>gradient|grid))? background")
@@ -122,7 +122,10 @@ def parse_caption(text: str) -> dict[str, str | None]:
     out: dict[str, str | None] = dict.fromkeys(CAPTION_KEYS)
     m = _OBJECT_RE.search(text)
     if m:
-        out.update(shape=m["shape"], colour=m["colour"], size=m["size"])
+        words = m["words"].split()
+        out["shape"] = m["shape"]
+        out["size"] = next((w for w in words if w in ("small", "large")), None)
+        out["colour"] = next((w for w in words if w in COLOURS), None)
     p = _PATTERN_RE.search(text)
     if p:
         out["pattern"], out["pattern_colour"] = p["p"], p["c"]

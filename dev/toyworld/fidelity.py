@@ -35,7 +35,6 @@ present) for an overall prompt accuracy.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -162,15 +161,10 @@ def fidelity(image: np.ndarray, concept: ToyConcept) -> float:
 
 # ------------------------------------------------------------------------------------------ editability
 
-_SIZE_RE = re.compile(r"\b(small|large)\b")
-
-
 def asked_beyond_concept(prompt: str) -> dict[str, str | None]:
     """What a concept prompt asks that the concept doesn't fix: background, texture, position, size."""
     asked = parse_caption(prompt)
-    size = _SIZE_RE.search(prompt)
-    return {"background": asked["background"], "texture": asked["texture"], "position": asked["position"],
-            "size": size[1] if size else None}
+    return {key: asked[key] for key in ("background", "texture", "position", "size")}
 
 
 def editability_scores(image: np.ndarray, prompt: str, concept: ToyConcept) -> dict[str, bool]:

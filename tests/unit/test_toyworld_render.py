@@ -124,3 +124,19 @@ def test_concepts_are_unnameable_and_narrow() -> None:
         prompt = concepts.concept_prompt(evals[0], "sks", c)
         assert prompt.startswith(f"a {evals[0].obj.size} sks {c.class_noun} at the ")
         assert c.description() in concepts.description_prompt(evals[0], c)
+
+
+@pytest.mark.parametrize("text", ["a small sks circle at the left on a green background",
+                                  "a sks small circle at the left on a green background",
+                                  "a small sks green circle at the left on a green background"])
+def test_parse_caption_reads_past_a_trigger_word(text: str) -> None:
+    asked = render.parse_caption(text)
+    assert asked["size"] == "small" and asked["shape"] == "circle"
+    assert asked["position"] == "left" and asked["background"] == "green"
+    assert asked["colour"] == ("green" if "sks green" in text else None)
+
+
+def test_parse_caption_prefers_the_worlds_words_to_an_unknown_one() -> None:
+    asked = render.parse_caption("a large red square on a blue background")
+    assert (asked["size"], asked["colour"], asked["shape"]) == ("large", "red", "square")
+    assert render.parse_caption("a sks thing on a blue background")["shape"] is None
