@@ -2,6 +2,8 @@
 PYTHON ?= python3
 HOST := $(PYTHON) dev/host.py
 PYTEST_ARGS ?=
+# Test processes: each runs whole test files, with an equal share of the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint demo serve bench-dci bench-train browser-setup
 
@@ -20,7 +22,7 @@ browser-setup:  ## Debian's Chromium for the browser tests (where root and apt-g
 	else echo "[browser] no /usr/bin/chromium and no root apt-get to install it; the browser tests will skip"; fi
 
 test: lint browser-setup  ## the whole test suite against the real ComfyUI (unit, in-process nodes, end-to-end server, browser)
-	$(HOST) python -m pytest $(PYTEST_ARGS)
+	$(HOST) python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: setup  ## the main job, headless through a real ComfyUI server; prints where the outputs are
 	$(HOST) python -m dev.demo

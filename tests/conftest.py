@@ -10,10 +10,18 @@ in a test gives the very module objects ComfyUI runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (``make test`` runs two workers) each worker, and every server it starts, gets an equal
+# share of the cores: torch's default, a thread per core in every process, oversubscribes them and its
+# threads spin against each other. Set before torch is first imported; servers inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
