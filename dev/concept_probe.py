@@ -15,6 +15,12 @@ plus the scale's two ends measured in the same run (``fidelity_floor=… fidelit
 infusion (default the bench's "a", how the toy world's captions start; "photo of a", the node's default, uses
 words those captions never do), the starting words of ICO's learned prefix.
 
+``--dci split:λ[:base]`` also samples the evaluation prompts with DCI KSampler (``base``: the auxiliary branch on
+the base model's K/V) and prints, per cross-attention resolution, DBIM's blend weight w_c (1: the concept branch
+keeps its own output; lower: the auxiliary branch's output comes in), mean over heads and the two-branch steps,
+in three regions: the square where the prompt asks for the object, the training renders' place (the centre,
+large), and the rest (``dci_weights res=… asked=… training_place=… rest=… calls=…`` lines).
+
 ``python3 dev/host.py python -m dev.concept_probe --concept badge --mode custom_diffusion [--prefix "photo of a"]``
 """
 
@@ -41,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dci", default="", help="'split:λ[:base]': also sample with DCI KSampler and report its blend weights")
     return p.parse_args(argv)
 
 
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
     print(f"fidelity_floor={np.mean(floor):.3f} fidelity_ceiling={np.mean(bench.ceilings):.3f}", flush=True)
 
     t0 = time.perf_counter()
-    model, clip, _ = bench.train(args.mode, args.concept, concept, label=f"probe_{args.mode}")
+    model, clip, ref = bench.train(args.mode, args.concept, concept, label=f"probe_{args.mode}")
     print(f"# trained {args.mode} on {args.concept}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; "
           f"template prefix {args.prefix!r}", flush=True)
     template = f"{args.prefix} {bq.TRIGGER} {concept.class_noun}".strip()
@@ -93,6 +100,64 @@ def main(argv=None) -> None:
     report("train_scene", [(own, sample(model, clip, own, 1 + i)) for i in range(max(1, args.prompts // 2))])
     report("eval", [(p, sample(model, clip, p, 1000 + i))
                     for i, p in enumerate(concept_prompt(sc, bq.TRIGGER, concept) for sc in scenes)])
+    if args.dci:
+        dci_weights(bench, (model, clip, ref), concept, scenes, args.dci, report)
+
+
+def region_masks(scene, res: int):
+    """[res*res] bool masks of the asked object's square, the training place (centre, large) and the rest."""
+    import torch
+
+    from dci.toyworld.render import IMAGE_SIZE, POSITION_CENTRE, SIZE_RADIUS
+
+    xs = (torch.arange(res, dtype=torch.float32) + 0.5) * IMAGE_SIZE / res
+    yy, xx = torch.meshgrid(xs, xs, indexing="ij")
+
+    def square(cx: float, cy: float, r: float):
+        return (((xx - cx).abs() <= r) & ((yy - cy).abs() <= r)).flatten()
+
+    asked = square(*POSITION_CENTRE[scene.obj.position], SIZE_RADIUS[scene.obj.size])
+    train = square(*POSITION_CENTRE["centre"], SIZE_RADIUS["large"]) & ~asked
+    return asked, train, ~(asked | train)
+
+
+def dci_weights(bench, trained, concept, scenes, spec: str, report) -> None:
+    """Sample the evaluation prompts with DCI KSampler, recording every blend weight w_c [B, heads, N]."""
+    from dci.comfyui.sampling import attention
+
+    from . import bench_quality as bq
+    from .toyworld.concepts import concept_prompt
+
+    model, clip, ref = trained
+    parts = spec.split(":")
+    setting = (float(parts[0]), float(parts[1]), "reference", "base" in parts[2:], "reference")
+    original, records = attention.blend_outputs, []
+
+    def recording(o_c, o_a, w_c, heads):
+        records.append(w_c.detach().float().mean(1).cpu())  # [B, N], mean over heads
+        return original(o_c, o_a, w_c, heads)
+
+    sums: dict[int, list[list[float]]] = {}
+    batches = []
+    attention.blend_outputs = recording
+    try:
+        for i, scene in enumerate(scenes):
+            prompt = concept_prompt(scene, bq.TRIGGER, concept)
+            (pos,) = harness.run_node("DCIPromptEncode", clip=clip, text=prompt,
+                                      auxiliary_noun=bq.aux_noun(concept.class_noun), concept=ref)[0]
+            records.clear()
+            batches.append((prompt, bench.sample(model, pos, 1000 + i, setting)))
+            for w in records:
+                res = int(round(w.shape[-1] ** 0.5))
+                masks = region_masks(scene, res)
+                sums.setdefault(res, []).append([float(w[:, m].mean()) if m.any() else float("nan") for m in masks])
+    finally:
+        attention.blend_outputs = original
+    report(f"eval_dci_{spec}", batches)
+    for res in sorted(sums, reverse=True):
+        a = np.array(sums[res])
+        print(f"dci_weights res={res}x{res} asked={np.nanmean(a[:, 0]):.3f} training_place={np.nanmean(a[:, 1]):.3f} "
+              f"rest={np.nanmean(a[:, 2]):.3f} calls={len(a)}", flush=True)
 
 
 if __name__ == "__main__":
