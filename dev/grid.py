@@ -33,8 +33,9 @@ def labelled_grid(rows: Sequence[tuple[str, np.ndarray]], label_width: int = 150
 
 def scatter_plot(points: dict[str, tuple[float, float]], fidelity_ends: tuple[float, float] | None = None,
                  size: tuple[int, int] = (760, 560)):
-    """Fidelity (x) × editability (y), one labelled dot per method, with the fidelity scale's floor and ceiling
-    as dashed vertical lines. Axes span the data with a margin (not 0..1), so close methods stay apart."""
+    """Fidelity (x) × editability (y), one labelled dot per method (labels placed clear of each other, with a
+    leader line where a label had to move away), with the fidelity scale's floor and ceiling as dashed vertical
+    lines. Axes span the data with a margin (not 0..1), so close methods stay apart."""
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -62,6 +63,7 @@ def scatter_plot(points: dict[str, tuple[float, float]], fidelity_ends: tuple[fl
         d.text((left - 42, gy - 6), f"{fy:.2f}", fill="black")
     d.text(((left + w - right) / 2 - 60, h - 26), "fidelity (higher: more like the instance)", fill="black")
     d.text((6, top - 22), "editability (higher: follows the prompt)", fill="black")
+    reserved = []  # the scale lines' captions: no dot label goes over them
     for value, name in zip(fidelity_ends or (), ("floor", "ceiling"), strict=False):
         if not np.isfinite(value):
             continue
@@ -69,10 +71,38 @@ def scatter_plot(points: dict[str, tuple[float, float]], fidelity_ends: tuple[fl
         for yy in range(top, h - bottom, 8):
             d.line([gx, yy, gx, min(yy + 4, h - bottom)], fill=(120, 120, 120))
         d.text((gx + 3, top + 3), f"fidelity {name}", fill=(90, 90, 90))
+        reserved.append(d.textbbox((gx + 3, top + 3), f"fidelity {name}"))
     palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (150, 60, 190), (230, 130, 20), (20, 150, 160)]
-    for i, (name, (x, y)) in enumerate(points.items()):
-        cx, cy = px(x, y)
+    dots = [px(x, y) for x, y in points.values()]
+    taken = [(cx - 5, cy - 5, cx + 5, cy + 5) for cx, cy in dots] + reserved
+    for i, (name, (cx, cy)) in enumerate(zip(points, dots, strict=True)):
         colour = palette[i % len(palette)]
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-        d.text((cx + 6, cy - 6 + (i % 3 - 1) * 4), name, fill=colour)
+        box = label_box(d, name, (cx, cy), taken, (left, top, w - right, h - bottom))
+        taken.append(box)
+        if abs(box[0] - cx) > 12 and abs(box[2] - cx) > 12 or abs((box[1] + box[3]) / 2 - cy) > 12:
+            lx = box[0] if box[0] > cx else box[2]
+            d.line([cx, cy, lx, (box[1] + box[3]) / 2], fill=colour)
+        d.text((box[0], box[1]), name, fill=colour)
     return canvas
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_box(d, text: str, at: tuple[float, float], taken: list, frame: tuple[float, float, float, float]):
+    """Where a dot's label goes: the first spot beside the dot, then further out (right, left, above, below),
+    whose box overlaps no dot or label placed before and stays in the frame; beside the dot if none does."""
+    x0, y0, x1, y1 = d.textbbox((0, 0), text)
+    tw, th = x1 - x0, y1 - y0 + 2
+    cx, cy = at
+    for step in range(0, 14):
+        r = 6 + step * 10
+        for dx, dy in ((r, -th / 2), (-r - tw, -th / 2), (-tw / 2, -r - th), (-tw / 2, r),
+                       (r, -th / 2 - r), (r, r - th / 2), (-r - tw, -th / 2 - r), (-r - tw, r - th / 2)):
+            box = (cx + dx, cy + dy, cx + dx + tw, cy + dy + th)
+            inside = box[0] >= frame[0] and box[2] <= frame[2] and box[1] >= frame[1] and box[3] <= frame[3]
+            if inside and not any(_overlaps(box, t) for t in taken):
+                return box
+    return (cx + 6, cy - th / 2, cx + 6 + tw, cy + th / 2)
