@@ -15,8 +15,8 @@ plus the scale's two ends measured in the same run (``fidelity_floor=… fidelit
 infusion (default the bench's "a", how the toy world's captions start; "photo of a", the node's default, uses
 words those captions never do), the starting words of ICO's learned prefix.
 
-``--dci split:λ[:base]`` also samples the evaluation prompts with DCI KSampler (``base``: the auxiliary branch on
-the base model's K/V) and prints, per cross-attention resolution, DBIM's blend weight w_c (1: the concept branch
+``--dci SETTING`` (one setting in bench-quality's ``--dci`` form, ``split:λ[:ref|px][:base][:noun]``) also samples
+the evaluation prompts with DCI KSampler and prints, per cross-attention resolution, DBIM's blend weight w_c (1: the concept branch
 keeps its own output; lower: the auxiliary branch's output comes in), mean over heads and the two-branch steps,
 in three regions: the square where the prompt asks for the object, the training renders' place (the centre,
 large), and the rest (``dci_weights res=… asked=… training_place=… rest=… calls=…`` lines).
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--dci", default="", help="'split:λ[:base]': also sample with DCI KSampler and report its blend weights")
+    p.add_argument("--dci", default="", help="one setting in bench-quality's --dci form ('split:λ[:ref|px][:base][:noun]'): "
+                                             "also sample with DCI KSampler and report its blend weights")
     return p.parse_args(argv)
 
 
@@ -126,11 +127,14 @@ def dci_weights(bench, trained, concept, scenes, spec: str, report) -> None:
     from dci.comfyui.sampling import attention
 
     from . import bench_quality as bq
+    from .bench_rows import dci_label, dci_sweep
     from .toyworld.concepts import concept_prompt
 
     model, clip, ref = trained
-    parts = spec.split(":")
-    setting = (float(parts[0]), float(parts[1]), "reference", "base" in parts[2:], "reference")
+    settings = dci_sweep(spec)
+    if len(settings) != 1:
+        raise SystemExit(f"--dci: give one setting, not {len(settings)} ({spec!r})")
+    setting = settings[0]
     original, records = attention.blend_outputs, []
 
     def recording(o_c, o_a, w_c, heads):
@@ -147,13 +151,16 @@ def dci_weights(bench, trained, concept, scenes, spec: str, report) -> None:
                                       auxiliary_noun=bq.aux_noun(concept.class_noun), concept=ref)[0]
             records.clear()
             batches.append((prompt, bench.sample(model, pos, 1000 + i, setting)))
+            masks_at: dict[int, tuple] = {}  # per resolution, for this scene
             for w in records:
                 res = int(round(w.shape[-1] ** 0.5))
-                masks = region_masks(scene, res)
+                if res not in masks_at:
+                    masks_at[res] = region_masks(scene, res)
+                masks = masks_at[res]
                 sums.setdefault(res, []).append([float(w[:, m].mean()) if m.any() else float("nan") for m in masks])
     finally:
         attention.blend_outputs = original
-    report(f"eval_dci_{spec}", batches)
+    report(f"eval_{dci_label(setting)}", batches)
     for res in sorted(sums, reverse=True):
         a = np.array(sums[res])
         print(f"dci_weights res={res}x{res} asked={np.nanmean(a[:, 0]):.3f} training_place={np.nanmean(a[:, 1]):.3f} "

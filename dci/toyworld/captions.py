@@ -15,6 +15,7 @@ from .render import (
     EMBLEM_SHAPES,
     POSITION_PHRASE,
     SHAPES,
+    SIZES,
     ObjectSpec,
     SceneSpec,
     _pick,
@@ -124,7 +125,7 @@ def parse_caption(text: str) -> dict[str, str | None]:
     if m:
         words = m["words"].split()
         out["shape"] = m["shape"]
-        out["size"] = next((w for w in words if w in ("small", "large")), None)
+        out["size"] = next((w for w in words if w in SIZES), None)
         out["colour"] = next((w for w in words if w in COLOURS), None)
     p = _PATTERN_RE.search(text)
     if p:

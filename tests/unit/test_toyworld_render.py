@@ -136,7 +136,7 @@ def test_parse_caption_reads_past_a_trigger_word(text: str) -> None:
     assert asked["colour"] == ("green" if "sks green" in text else None)
 
 
-def test_parse_caption_prefers_the_worlds_words_to_an_unknown_one() -> None:
+def test_parse_caption_reads_plain_captions_and_needs_a_shape() -> None:
     asked = render.parse_caption("a large red square on a blue background")
     assert (asked["size"], asked["colour"], asked["shape"]) == ("large", "red", "square")
     assert render.parse_caption("a sks thing on a blue background")["shape"] is None
