@@ -18,6 +18,21 @@ def spec(kind, tooltip: str, **options) -> tuple:
     return (kind, {**options, "tooltip": tooltip})
 
 
+def sampler_inputs(seed_tip: str = "Seed of the noise (as in KSampler).",
+                   cfg_tip: str = "Classifier-free guidance scale.") -> dict[str, tuple]:
+    """KSampler's seed, steps, cfg, sampler_name and scheduler inputs, in KSampler's order, for the samplers of
+    this pack (their widget order is part of the shipped workflows)."""
+    import comfy.samplers
+
+    return {
+        "seed": spec("INT", seed_tip, default=0, min=0, max=SEED_MAX, control_after_generate=True),
+        "steps": spec("INT", "Denoising steps.", default=20, min=1, max=10000),
+        "cfg": spec("FLOAT", cfg_tip, default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        "sampler_name": spec(comfy.samplers.KSampler.SAMPLERS, "Any ComfyUI sampler."),
+        "scheduler": spec(comfy.samplers.KSampler.SCHEDULERS, "Any ComfyUI scheduler."),
+    }
+
+
 def register(*classes: type) -> tuple[dict[str, type], dict[str, str]]:
     """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` of a node family."""
     return {c.NODE_ID: c for c in classes}, {c.NODE_ID: c.DISPLAY_NAME for c in classes}

@@ -13,7 +13,7 @@ from ..comfyui.retouch.wrapper import retouch_model
 from ..comfyui.sampling.prompt import DCIError, dci_prompt_of, encode_dci_prompt
 from ..method.retouch import RetouchError, RetouchSettings, Trajectory, switch_step
 from ..method.token_spans import default_aux_noun, phrase_occurrences, replace_phrase
-from .common import SEED_MAX, check_clip, check_model, check_vae, register, reported, spec
+from .common import check_clip, check_model, check_vae, register, reported, sampler_inputs, spec
 from .concepts import CONCEPT_TYPE
 
 TRAJECTORY_TYPE = "DCI_TRAJECTORY"
@@ -113,13 +113,7 @@ class DCILayoutKSampler:
             "required": {
                 "model": spec("MODEL", "The personalised model (from DCI Load Concept or DCI Train Concept)."),
                 "vanilla_model": spec("MODEL", "The model without the concept (the checkpoint), same family."),
-                "seed": spec("INT", "Seed of the noise (as in KSampler).", default=0, min=0, max=SEED_MAX,
-                             control_after_generate=True),
-                "steps": spec("INT", "Denoising steps.", default=20, min=1, max=10000),
-                "cfg": spec("FLOAT", "Classifier-free guidance scale.", default=7.0, min=0.0, max=100.0, step=0.1,
-                            round=0.01),
-                "sampler_name": spec(comfy.samplers.KSampler.SAMPLERS, "Any ComfyUI sampler."),
-                "scheduler": spec(comfy.samplers.KSampler.SCHEDULERS, "Any ComfyUI scheduler."),
+                **sampler_inputs(),
                 "positive": spec("CONDITIONING", "The prompt with the concept (personalised model)."),
                 "layout_positive": spec("CONDITIONING", "The prompt without the trigger word (vanilla model), e.g. "
                                         "from DCI Layout Prompt Encode."),

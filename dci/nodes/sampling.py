@@ -14,7 +14,7 @@ from ..comfyui.sampling.prompt import CONCEPT_MAPS, DCIError, encode_dci_prompt
 from ..method.branches import GUIDANCE_MODES, DCIPlan
 from ..method.dbim import NORMALIZATIONS, READINGS, DBIMSettings
 from ..method.token_spans import default_aux_noun
-from .common import SEED_MAX, check_clip, check_model, register, reported, spec
+from .common import SEED_MAX, check_clip, check_model, register, reported, sampler_inputs, spec
 from .concepts import CONCEPT_TYPE
 
 PLAN, DBIM = DCIPlan(), DBIMSettings()  # the defaults of every DCI input
@@ -171,14 +171,9 @@ class DCIKSampler:
         return {
             "required": {
                 "model": spec("MODEL", "The model with the concept (from DCI Load Concept)."),
-                "seed": spec("INT", "Seed of the concept branch's noise (as in KSampler).", default=0, min=0,
-                             max=SEED_MAX, control_after_generate=True),
-                "steps": spec("INT", "Denoising steps.", default=20, min=1, max=10000),
-                "cfg": spec("FLOAT", "Classifier-free guidance scale. At 1.0 no unconditional pass runs; the two "
-                            "conditional rows are still blended.", default=7.0, min=0.0, max=100.0, step=0.1,
-                            round=0.01),
-                "sampler_name": spec(comfy.samplers.KSampler.SAMPLERS, "Any ComfyUI sampler."),
-                "scheduler": spec(comfy.samplers.KSampler.SCHEDULERS, "Any ComfyUI scheduler."),
+                **sampler_inputs("Seed of the concept branch's noise (as in KSampler).",
+                                 "Classifier-free guidance scale. At 1.0 no unconditional pass runs; the two "
+                                 "conditional rows are still blended."),
                 "positive": spec("CONDITIONING", "From DCI Prompt Encode."),
                 "negative": spec("CONDITIONING", "The negative prompt (stock CLIP Text Encode)."),
                 "latent_image": spec("LATENT", "The latent to denoise."),

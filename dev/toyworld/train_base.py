@@ -15,6 +15,8 @@ final resume; the result is the same file.
 
 ``--vae-from FILE`` takes the VAE of an existing toy-world file instead of training one (stage 2 is then only
 the latent cache).
+``--unet-from FILE --detail-steps N`` takes UNet and text encoder from an existing toy-world file and runs only
+the detail phase on them (the file's own work folder is not needed; AdamW starts fresh under the phase's warm-up).
 
 Usage: python3 dev/host.py python -m dev.toyworld.train_base [--work DIR] [--out FILE] [--unet-steps N] ...
 """
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--detail-steps", type=int, default=0,
                     help="UNet steps after --unet-steps with the text encoder frozen, a restarted lr and the loss "
                          "weighted up on object and decoration cells (0: none)")
+    ap.add_argument("--unet-from", type=Path, default=None,
+                    help="with --detail-steps: take UNet and text encoder from this toy-world file and run only "
+                         "the detail phase (for a finished model whose work folder is gone)")
     ap.add_argument("--detail-lr", type=float, default=2e-4)
     ap.add_argument("--detail-object-weight", type=float, default=2.0)
     ap.add_argument("--detail-decoration-weight", type=float, default=6.0)
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it, or another --out")
+    if args.unet_from is not None and not args.detail_steps:
+        raise SystemExit("--unet-from continues a finished model: give --detail-steps too")
+    if args.unet_from is not None and not args.unet_from.is_file():
+        raise SystemExit(f"--unet-from {args.unet_from}: no such file")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     from dev import harness
@@ -103,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = train_unet(specs, latents, taesd, args, args.work)
     if trained is None:
         return
-    dm, clip, ema, named, _ = trained
-    write_model(dm, clip, taesd, ema, named, args, args.out, args.unet_steps + args.detail_steps, time.time() - t_start)
+    dm, clip, ema, _ = trained
+    write_model(dm, clip, taesd, ema, args, args.out, args.unet_steps + args.detail_steps, time.time() - t_start)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {(time.time() - t_start) / 60:.1f} min")
 
 

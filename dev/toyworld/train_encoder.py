@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     from dci.method.concept_encoder import ConceptEncoder, EncoderConfig
     from dci.toyworld.render import WORLD_VERSION
 
-    from .train_io import fmt_eta, load_optimizer_tensors, load_st, log, optimizer_tensors, save_atomic
+    from .train_io import Ema, fmt_eta, load_st, log, save_atomic
 
     args.work.mkdir(parents=True, exist_ok=True)
     log(f"args {json.dumps({k: str(v) for k, v in vars(args).items()})}")
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     named = list(encoder.named_parameters())
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = {k: p.detach().clone() for k, p in named}
+    ema = Ema(named, args.ema)
     ckpt = args.work / "encoder_ckpt.safetensors"
     start, elapsed_before = 0, 0.0
     pool = TargetPool(args.seed, args.pool, args.pool_growth, frozen.latents, args.targets_per_instance)
@@ -347,12 +347,9 @@ def main(argv: list[str] | None = None) -> None:
         sd, meta = load_st(ckpt)
         if json.loads(meta["config"]) != config.to_dict() or meta.get("opt_format") != OPT_FORMAT:
             raise SystemExit(f"{ckpt} belongs to another encoder configuration; use another --work")
+        ema.load_checkpoint(sd, opt)
         with torch.no_grad():
-            for k, p in named:
-                p.copy_(sd["w." + k])
-                ema[k].copy_(sd["ema." + k])
             encoder.anchor.copy_(sd["anchor"])
-        load_optimizer_tensors(opt, sd, "opt.")
         pool.latents = sd["pool_latents"]
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
         log(f"resumed at step {start} ({elapsed_before / 60:.1f} min so far)")
@@ -364,11 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch}, 1-{args.refs} references")
 
     def write(path: Path, steps: int, seconds: float, overwrite: bool) -> None:
-        backup = {k: p.detach().clone() for k, p in named}
-        with torch.no_grad():
-            for k, p in named:
-                p.copy_(ema[k])
-        try:
+        with ema.applied():
             recipe = {k: getattr(args, k) for k in ("seed", "batch", "refs", "lr", "ema", "object_weight",
                                                     "decoration_weight", "offset_noise", "pool", "pool_growth",
                                                     "targets_per_instance", "omit_words")}
@@ -377,18 +370,12 @@ def main(argv: list[str] | None = None) -> None:
                      "train_seconds": f"{seconds:.1f}"}
             save_encoder(path, encoder.state_dict(), config.to_dict(), "sd1", "clip_l",
                          base_fingerprint(frozen.patcher), extra, overwrite=overwrite)
-        finally:
-            with torch.no_grad():
-                for k, p in named:
-                    p.copy_(backup[k])
 
     def checkpoint(done: int) -> None:
         seconds = elapsed_before + time.time() - t0
-        tensors = {"w." + k: p for k, p in named}
-        tensors.update({"ema." + k: v for k, v in ema.items()})
+        tensors = ema.checkpoint_tensors(opt)
         tensors["anchor"] = encoder.anchor
         tensors["pool_latents"] = pool.latents
-        tensors.update(optimizer_tensors(opt, "opt."))
         save_atomic(tensors, ckpt, {"step": str(done), "elapsed": str(seconds), "opt_format": OPT_FORMAT,
                                     "config": json.dumps(config.to_dict())})
         write(args.work / "encoder_latest.safetensors", done, seconds, overwrite=True)
@@ -410,10 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(args.ema, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for k, p in named:
-                ema[k].lerp_(p.detach(), 1 - decay)
+        ema.update(step)
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         done = step + 1
         if done % 25 == 0 or done == args.steps:

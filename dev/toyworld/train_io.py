@@ -7,6 +7,8 @@ moments are flattened into named tensors, so no pickle is ever written or read.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,60 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
             state.setdefault(int(i), {})[name] = v
     sd["state"] = state
     opt.load_state_dict(sd)
+
+
+class Ema:
+    """The exponential moving average of named parameters that the toy model's stages write out.
+
+    Decay ``min(decay, (step + 1) / (step + 10))`` (short memory while the weights move fast); parameters
+    that don't train (``requires_grad`` off, e.g. a frozen text encoder) keep their average unchanged.
+    """
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.named, self.decay = named, decay
+        self.shadow = {k: p.detach().clone() for k, p in named}
+
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (step + 1) / (step + 10))
+        with torch.no_grad():
+            for k, p in self.named:
+                if p.requires_grad:
+                    self.shadow[k].lerp_(p.detach(), 1 - decay)
+
+    def reset_to_weights(self) -> None:
+        """The average restarts at the current weights (after loading weights from elsewhere)."""
+        with torch.no_grad():
+            for k, p in self.named:
+                self.shadow[k].copy_(p.detach())
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The parameters hold the average inside the block and their own values again after it."""
+        backup = {k: p.detach().clone() for k, p in self.named}
+        with torch.no_grad():
+            for k, p in self.named:
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.named:
+                    p.copy_(backup[k])
+
+    def checkpoint_tensors(self, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """Weights (``w.``), average (``ema.``) and AdamW state (``opt.``) for a resumable checkpoint."""
+        tensors = {"w." + k: p for k, p in self.named}
+        tensors.update({"ema." + k: v for k, v in self.shadow.items()})
+        tensors.update(optimizer_tensors(opt, "opt."))
+        return tensors
+
+    def load_checkpoint(self, sd: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        """Inverse of ``checkpoint_tensors``."""
+        with torch.no_grad():
+            for k, p in self.named:
+                p.copy_(sd["w." + k])
+                self.shadow[k].copy_(sd["ema." + k])
+        load_optimizer_tensors(opt, sd, "opt.")
 
 
 def cell_weights(scene, object_weight: float, decoration_weight: float) -> torch.Tensor:

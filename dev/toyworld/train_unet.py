@@ -23,15 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train_io import (
-    cell_weights,
-    fmt_eta,
-    load_optimizer_tensors,
-    load_st,
-    log,
-    optimizer_tensors,
-    save_atomic,
-)
+from .train_io import Ema, cell_weights, fmt_eta, load_st, log, save_atomic
 from .train_text import AttributeHeads, CaptionTokens, caption_batch, encode, pretrain_text
 
 OPT_FORMAT = "2"  # how AdamW moments are named in unet_ckpt.safetensors (by parameter index)
@@ -52,7 +44,7 @@ def unet_config(args) -> dict:
 
 
 def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
-    """Stages 3 and 4; returns (diffusion model, clip, ema, named parameters, seconds), or None when the run
+    """Stages 3 and 4; returns (diffusion model, clip, ema, seconds), or None when the run
     stopped at ``--stop-at`` (checkpointed; the same command without it resumes)."""
     from dci.toyworld import model as tm
 
@@ -71,7 +63,10 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         p.requires_grad_(True)
     dm.train()
     te.train()
-    pretrain_text(specs, encoder, heads, tokens, args, work)
+    ckpt = work / "unet_ckpt.safetensors"
+    unet_from = getattr(args, "unet_from", None)
+    if unet_from is None:  # a UNet taken from a file brings its text encoder along (and a resume its checkpoint)
+        pretrain_text(specs, encoder, heads, tokens, args, work)
     named = [("unet." + k, p) for k, p in dm.named_parameters()] + [
         ("text." + k, p) for k, p in te.named_parameters()
     ]
@@ -79,9 +74,8 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         named += [("heads." + k, p) for k, p in heads.named_parameters()]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999))
-    ema = {k: p.detach().clone() for k, p in named}
+    ema = Ema(named, args.ema)
     alphas_cumprod = 1.0 / (1.0 + base.model_sampling.sigmas.float() ** 2)
-    ckpt = work / "unet_ckpt.safetensors"
     start, elapsed_before = 0, 0.0
     if ckpt.exists():
         sd, meta = load_st(ckpt)
@@ -89,13 +83,12 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             raise SystemExit(f"{ckpt} was trained with UNet {meta['unet_config']}, not {json.dumps(unet_cfg)}")
         if meta.get("opt_format") != OPT_FORMAT:
             raise SystemExit(f"{ckpt}: optimizer state of an older format; start a new work folder")
-        with torch.no_grad():
-            for k, p in named:
-                p.copy_(sd["w." + k])
-                ema[k].copy_(sd["ema." + k])
-        load_optimizer_tensors(opt, sd, "opt.")
+        ema.load_checkpoint(sd, opt)
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
         log(f"UNet: resumed at step {start}")
+    elif unet_from is not None:
+        start = weights_from_file(unet_from, dm, te, unet_cfg, args)
+        ema.reset_to_weights()
 
     main_steps, detail_steps = args.unet_steps, getattr(args, "detail_steps", 0)
     total = main_steps + detail_steps
@@ -141,11 +134,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         (loss + args.text_aux * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], 1.0)
         opt.step()
-        decay = min(args.ema, (step + 1) / (step + 10))
-        with torch.no_grad():
-            for k, p in named:
-                if p.requires_grad:  # a frozen text encoder keeps its EMA (the file's weights) unchanged
-                    ema[k].lerp_(p.detach(), 1 - decay)
+        ema.update(step)  # a frozen text encoder keeps its average (the file's weights) unchanged
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         run_aux = aux.item() if run_aux is None else 0.98 * run_aux + 0.02 * aux.item()
 
@@ -157,19 +146,39 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         stop = bool(args.stop_at) and done >= args.stop_at and done < total
         if time.time() - last_ckpt > args.ckpt_minutes * 60 or done == total or stop:
             seconds = elapsed_before + time.time() - t0
-            tensors = {"w." + k: p for k, p in named}
-            tensors.update({"ema." + k: v for k, v in ema.items()})
-            tensors.update(optimizer_tensors(opt, "opt."))
+            tensors = ema.checkpoint_tensors(opt)
             meta = {"step": str(done), "elapsed": str(seconds), "opt_format": OPT_FORMAT,
                     "unet_config": json.dumps(unet_cfg)}
             save_atomic(tensors, ckpt, meta)
-            write_model(dm, clip, taesd, ema, named, args, work / "toyworld_latest.safetensors", done, seconds)
+            write_model(dm, clip, taesd, ema, args, work / "toyworld_latest.safetensors", done, seconds)
             last_ckpt = time.time()
             log(f"checkpoint at step {done}")
         if stop:
             log(f"stopped at step {done} of {total}; the same command without --stop-at resumes")
             return None
-    return dm, clip, ema, named, elapsed_before + time.time() - t0
+    return dm, clip, ema, elapsed_before + time.time() - t0
+
+
+def weights_from_file(path: Path, dm, te, unet_cfg: dict, args) -> int:
+    """Loads UNet and text encoder weights from a toy-world file, for a detail phase on a finished
+    model whose work folder is gone; returns the step to start at (the end of the main schedule). AdamW's
+    moments start fresh, which the detail phase's own warm-up absorbs."""
+    from dci.toyworld import model as tm
+
+    meta = tm.read_metadata(path)
+    if json.loads(meta.get("toyworld.unet_config", "null")) != unet_cfg:
+        raise SystemExit(f"--unet-from {path}: its UNet is {meta.get('toyworld.unet_config')}, "
+                         f"not {json.dumps(unet_cfg)}")
+    sd, _ = load_st(path)
+    with torch.no_grad():
+        for prefix, mod in ((tm._PREFIX_UNET, dm), (tm._PREFIX_CLIP + "clip_l.transformer.", te)):
+            part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+            missing, unexpected = mod.load_state_dict(part, strict=False)
+            if unexpected or [k for k in missing if "position_ids" not in k]:
+                raise SystemExit(f"--unet-from {path}: weights don't match (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+    log(f"UNet and text encoder taken from {path}; detail phase from step {args.unet_steps}")
+    return args.unet_steps
 
 
 def warm_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
@@ -178,26 +187,20 @@ def warm_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def write_model(dm, clip, taesd, ema, named, args, path: Path, steps: int, seconds: float) -> None:
+def write_model(dm, clip, taesd, ema: Ema, args, path: Path, steps: int, seconds: float) -> None:
     """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata."""
     from dci.toyworld import model as tm
     from dci.toyworld.render import WORLD_VERSION
 
-    backup = {k: p.detach().clone() for k, p in named}
-    with torch.no_grad():
-        for k, p in named:
-            p.copy_(ema[k])
-    try:
+    with ema.applied():
         sd = tm.state_dict_for_file(dm, clip.cond_stage_model, taesd)
-    finally:
-        with torch.no_grad():
-            for k, p in named:
-                p.copy_(backup[k])
     recipe = ("seed", "batch", "images", "vae_steps", "decoder_steps", "lr", "offset_noise", "caption_dropout",
               "text_steps", "text_aux", "unet_steps", "detail_steps", "detail_lr", "detail_object_weight",
               "detail_decoration_weight")
     extra = {"world_version": WORLD_VERSION, "steps": steps, "train_seconds": round(seconds, 1),
-             "vae_from": args.vae_from.name if args.vae_from else "", "prediction": "eps", "zsnr": "false"}
+             "vae_from": args.vae_from.name if args.vae_from else "",
+             "unet_from": args.unet_from.name if getattr(args, "unet_from", None) else "",
+             "prediction": "eps", "zsnr": "false"}
     extra.update({k: getattr(args, k, 0) for k in recipe})
     meta = tm.file_metadata(tm.TEXT_CONFIG, unet_config(args), extra)
     save_atomic(sd, path, meta)

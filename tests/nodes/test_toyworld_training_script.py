@@ -196,3 +196,30 @@ def test_detail_phase_keeps_the_text_encoder_and_resumes_across_its_start(runs):
     assert all(torch.equal(plain[k], detail[k]) for k in text)
     assert not all(torch.equal(plain[k], detail[k]) for k in unet)
     assert all(torch.equal(detail[k], resumed[k]) for k in detail)
+
+
+def test_unet_from_runs_only_the_detail_phase_on_a_finished_file(runs):
+    """--unet-from starts the detail phase from a model file (its work folder gone): no text stage, the text
+    encoder kept bit for bit, the UNet moved on from the file's weights; without --detail-steps it refuses."""
+    root, *_ = runs
+    source = root / "a.safetensors"
+    out = root / "from_file.safetensors"
+    log = train(root / "from_file", out, "--unet-steps", "2", "--detail-steps", "2", "--vae-from", str(source),
+                "--unet-from", str(source))
+    assert f"UNet and text encoder taken from {source}; detail phase from step 2" in log
+    assert "text step" not in log and "UNet step 4/4" in log
+    a, f = load_file(str(source)), load_file(str(out))
+    assert metadata(out)["toyworld.steps"] == "4"
+    text = [k for k in a if k.startswith("cond_stage_model.")]
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert all(torch.equal(a[k], f[k]) for k in text)
+    moved = [k for k in unet if not torch.equal(a[k], f[k])]
+    assert moved
+    # two detail steps at a tiny warm-up rate move the weights only a little from the file's
+    drift = max((a[k].float() - f[k].float()).abs().max().item() for k in unet)
+    assert drift < 0.05, drift
+    cmd = [sys.executable, str(SCRIPT), "--work", str(root / "from_file_bad"), "--out", str(root / "g.safetensors"),
+           *SMALL, "--unet-steps", "2", "--vae-from", str(source), "--unet-from", str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "give --detail-steps too" in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "g.safetensors").exists()
