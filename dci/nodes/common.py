@@ -33,6 +33,11 @@ def sampler_inputs(seed_tip: str = "Seed of the noise (as in KSampler).",
     }
 
 
+def shown(text: str, *result) -> dict:
+    """An output node's return: ``text`` shown on the node in the web UI, ``result`` as its outputs."""
+    return {"ui": {"text": [text]}, "result": result}
+
+
 def register(*classes: type) -> tuple[dict[str, type], dict[str, str]]:
     """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` of a node family."""
     return {c.NODE_ID: c for c in classes}, {c.NODE_ID: c.DISPLAY_NAME for c in classes}

@@ -12,7 +12,7 @@ from ..comfyui.overfitting import (
 )
 from ..method.overfitting import SHRINKAGES, MetricError, wasserstein
 from ..toyworld.descriptors import FEATURES, scene_descriptors
-from .common import SEED_MAX, check_clip, check_model, register, reported, spec
+from .common import SEED_MAX, check_clip, check_model, register, reported, shown, spec
 
 SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m")
 SCHEDULERS = ("normal", "karras", "simple", "ddim_uniform")
@@ -92,7 +92,7 @@ class DCIFisherDivergence:
                   f"ε space:     {result.eps:.6g} ± {result.eps_se:.2g}\n"
                   f"score space: {result.score:.6g} ± {result.score_se:.2g}\n"
                   f"fisher={result.eps:.6g} fisher_score={result.score:.6g}")
-        return {"ui": {"text": [report]}, "result": (result.eps, result.score, report)}
+        return shown(report, result.eps, result.score, report)
 
 
 class DCIWasserstein:
@@ -169,7 +169,7 @@ class DCIWasserstein:
                   f"samples {r.samples[0]} concept + {r.samples[1]} class; Ledoit-Wolf shrinkage "
                   f"{r.shrinkage[0]:.3g} / {r.shrinkage[1]:.3g}\n"
                   f"w2={r.w2:.6g}")
-        return {"ui": {"text": [report]}, "result": (r.w2, r.per_prompt_mean, report)}
+        return shown(report, r.w2, r.per_prompt_mean, report)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIFisherDivergence, DCIWasserstein)

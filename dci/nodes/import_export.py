@@ -12,7 +12,17 @@ from ..comfyui.model import model_family
 from ..files.concept import load_concept, sanitize_name, save_or_reuse
 from ..files.convert import EXPORT_PRECISIONS, export_token_names
 from ..files.foreign import FORMATS
-from .common import check_choice, check_clip, check_flag, check_model, check_text, register, reported, spec
+from .common import (
+    check_choice,
+    check_clip,
+    check_flag,
+    check_model,
+    check_text,
+    register,
+    reported,
+    shown,
+    spec,
+)
 from .concepts import CONCEPT_ERRORS, CONCEPT_TYPE
 
 TARGETS = ("comfy_lora_and_embedding", "diffusers")
@@ -87,7 +97,7 @@ class DCIImportConcept:
         ref = ConceptRef.of(path.name, concept)
         lines = [f"{'saved' if written else 'unchanged (identical concept already there)'}: {path}",
                  f"prompt: {ref.phrase}", *notes, *warnings]
-        return {"ui": {"text": ["\n".join(lines)]}, "result": (model_out, clip_out, ref)}
+        return shown("\n".join(lines), model_out, clip_out, ref)
 
 
 class DCIExportConcept:
@@ -162,8 +172,8 @@ class DCIExportConcept:
                 results = import_export.export_lora_and_embedding(data, model, lora, embedding, overwrite, precision)
                 usage = f"LoraLoaderModelOnly: {lora.name}; prompt: embedding:{stem} {data.class_noun}"
         paths = "\n".join(str(p) for p, _ in results)
-        shown = [f"{'written' if w else 'unchanged'}: {p}" for p, w in results] + [usage]
-        return {"ui": {"text": ["\n".join(shown)]}, "result": (paths,)}
+        lines = [f"{'written' if w else 'unchanged'}: {p}" for p, w in results] + [usage]
+        return shown("\n".join(lines), paths)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIImportConcept, DCIExportConcept)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..comfyui.model import model_summary
-from .common import check_clip, check_model, register, spec
+from .common import check_clip, check_model, register, shown, spec
 
 
 class DCIModelInfo:
@@ -40,7 +40,7 @@ class DCIModelInfo:
         if clip is not None:
             check_clip(self.DISPLAY_NAME, clip)
         text = json.dumps(model_summary(model, clip), indent=1)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return shown(text, text)
 
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = register(DCIModelInfo)

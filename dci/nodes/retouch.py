@@ -13,7 +13,7 @@ from ..comfyui.retouch.wrapper import retouch_model
 from ..comfyui.sampling.prompt import DCIError, dci_prompt_of, encode_dci_prompt
 from ..method.retouch import RetouchError, RetouchSettings, Trajectory, switch_step
 from ..method.token_spans import default_aux_noun, phrase_occurrences, replace_phrase
-from .common import check_clip, check_model, check_vae, register, reported, sampler_inputs, spec
+from .common import check_clip, check_model, check_vae, register, reported, sampler_inputs, shown, spec
 from .concepts import CONCEPT_TYPE
 
 TRAJECTORY_TYPE = "DCI_TRAJECTORY"
@@ -205,7 +205,7 @@ class DCIInvertReference:
         report = (f"round trip ({steps} steps, {scheduler}, refine {refine}): latent RMS error "
                   f"{result.latent_rms_error:.4f} ({100 * result.relative_error:.1f}% of the latent's RMS), "
                   f"mean absolute pixel error {pixel:.4f}")
-        return {"ui": {"text": [report]}, "result": (result.trajectory, decoded, report)}
+        return shown(report, result.trajectory, decoded, report)
 
 
 class DCIRetouchModel:

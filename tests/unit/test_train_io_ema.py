@@ -31,7 +31,7 @@ def test_update_follows_the_warm_up_decay_and_skips_frozen_parameters():
         for _, p in named:
             p.add_(1.0)
     ema.update(0)  # decay min(0.9, 1/10) = 0.1: the average moves 90 % of the way
-    for k, p in named:
+    for k, _ in named:
         if k == named[2][0]:
             assert torch.equal(ema.shadow[k], start[k])
         else:
