@@ -64,6 +64,17 @@ def tiny_sd15(comfy):
 
 
 @pytest.fixture()
+def tiny_sd15_loaded(comfy):
+    """``tiny_sd15`` built under inference mode, as a loader node builds its outputs (what the trainer gets)."""
+    import torch
+
+    from dev.fixtures import tiny_sd15_in_memory
+
+    with torch.inference_mode():
+        return tiny_sd15_in_memory(seed=0)
+
+
+@pytest.fixture()
 def tiny_sdxl(comfy):
     """A fresh fully tiny in-memory SDXL-family (MODEL, CLIP, VAE)."""
     from dev.fixtures import tiny_sdxl_in_memory

@@ -27,12 +27,9 @@ BASE = dict(class_noun="dog", trigger_word="qxz", num_tokens=2, mode="ico", pref
 
 
 @pytest.fixture()
-def setup(comfy):
+def setup(comfy, tiny_sd15_loaded):
     """MODEL, CLIP, VAE built under inference mode, as a loader node would build them."""
-    from dev.fixtures import tiny_sd15_in_memory
-
-    with torch.inference_mode():
-        model, clip, vae = tiny_sd15_in_memory(seed=0)
+    model, clip, vae = tiny_sd15_loaded
     images = torch.rand(2, 64, 80, 3, generator=torch.Generator().manual_seed(1))
     return comfy, model, clip, vae, images
 

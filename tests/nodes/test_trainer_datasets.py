@@ -19,12 +19,10 @@ SIZES = ((72, 96), (64, 64), (100, 80))  # height, width
 
 
 @pytest.fixture()
-def dataset(comfy):
+def dataset(comfy, tiny_sd15_loaded):
     """Three photos of different sizes in input/dci_dataset_test, loaded by the stock node."""
     import folder_paths
     from PIL import Image
-
-    from dev.fixtures import tiny_sd15_in_memory
 
     folder = Path(folder_paths.get_input_directory()) / "dci_dataset_test"
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,8 +31,7 @@ def dataset(comfy):
         pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"photo_{i}.png")
     (images,), _ = comfy.run_node_lists("LoadImageDataSetFromFolder", folder=["dci_dataset_test"])
-    with torch.inference_mode():
-        model, clip, vae = tiny_sd15_in_memory(seed=0)
+    model, clip, vae = tiny_sd15_loaded
     return comfy, model, clip, vae, images
 
 

@@ -16,11 +16,8 @@ from .test_trainer import BASE, sample
 
 
 @pytest.fixture()
-def setup(comfy):
-    from dev.fixtures import tiny_sd15_in_memory
-
-    with torch.inference_mode():
-        model, clip, vae = tiny_sd15_in_memory(seed=0)
+def setup(comfy, tiny_sd15_loaded):
+    model, clip, vae = tiny_sd15_loaded
     g = torch.Generator().manual_seed(3)
     dogs = torch.rand(2, 64, 64, 3, generator=g)
     cats = [torch.rand(1, 72, 64, 3, generator=g), torch.rand(1, 64, 80, 3, generator=g)]  # a list, any sizes

@@ -19,11 +19,8 @@ from .test_trainer import BASE
 
 
 @pytest.fixture()
-def setup(comfy):
-    from dev.fixtures import tiny_sd15_in_memory
-
-    with torch.inference_mode():
-        model, clip, vae = tiny_sd15_in_memory(seed=0)
+def setup(comfy, tiny_sd15_loaded):
+    model, clip, vae = tiny_sd15_loaded
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     return comfy, model, clip, vae, images
 
