@@ -8,7 +8,9 @@ of ``dev.toyworld.concepts`` (5 narrow-context training renders each):
 - ``base_desc``: the base model with the concept's full nameable description ("a large red circle with
   yellow stripes and a blue star emblem at the left ..."): what words alone reach;
 - ``cd``: DCI Train Concept, mode custom_diffusion (caption "a sks circle": ``--prefix``, default the toy world's
-  own caption start "a"; the node's default "photo of a" is SD's, which the toy world's captions never use);
+  own caption start "a"; the node's default "photo of a" is SD's, which the toy world's captions never use;
+  ``--caption scene``: the world's caption of the training renders' scene, "a large sks circle in the centre
+  on a white background", as a user captions photos that share a scene);
 - ``ico``: DCI Train Concept, mode ico (per-image contexts);
 - ``infusion``: DCI Train Concept, mode infusion (one residual vector per cross-attention layer on the values
   at the trigger's tokens; keys locked), at its own learning rate (``--infusion-lr``: the default gives the
@@ -115,6 +117,11 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default=TRAIN["prefix_context"],
                    help="the training captions' words before the trigger: the fixed words of cd and infusion, "
                         "the starting words of ico's learned prefix ('a' is the toy world's own caption start)")
+    p.add_argument("--caption", choices=("short", "scene"), default="short",
+                   help="the training caption: short ('<prefix> sks circle'), or scene (the world's caption of the "
+                        "training renders' shared scene around 'sks circle', e.g. 'a large sks circle in the centre "
+                        "on a white background'; replaces --prefix): the fixed words of cd and infusion, the "
+                        "starting words of ico's contexts")
     p.add_argument("--dci", default=DEFAULT_DCI,
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
@@ -242,6 +249,15 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
         self.grid.setdefault(method, []).append(images[0])
         self.images.setdefault((method, name), []).append(images)
 
+    def caption_context(self, concept) -> dict[str, str]:
+        """The trainer's prefix_context/suffix_context for ``--caption`` (short: ``--prefix`` and ICO's ".")."""
+        if self.args.caption == "scene":
+            from .toyworld.concepts import training_caption_words
+
+            prefix, suffix = training_caption_words(concept, TRIGGER)
+            return {"prefix_context": prefix, "suffix_context": suffix}
+        return {"prefix_context": self.args.prefix, "suffix_context": TRAIN["suffix_context"]}
+
     def train(self, mode: str, name: str, concept, label: str = "", steps: int = 0, **extra):
         """DCI Train Concept on the concept's training renders (``label``: the row, ``mode`` by default; ``steps``:
         the budget, ``--train-steps`` by default; ``extra``: more node inputs, e.g. start_concept)."""
@@ -251,7 +267,7 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
             "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=self.training_renders(concept),
             class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=steps,
             save_name=f"bench_quality_{label}_{name}", **extra,
-            **{**TRAIN, "prefix_context": self.args.prefix,
+            **{**TRAIN, **self.caption_context(concept),
                "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
         self._tick(f"train {label}", t0)
         return model, clip, ref

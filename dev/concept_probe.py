@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=12, help="evaluation prompts (the bench's default)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
+    p.add_argument("--caption", choices=("short", "scene"), default="short",
+                   help="the training caption, as bench-quality's --caption")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dci", default="", help="one setting in bench-quality's --dci form ('split:λ[:ref|px][:base][:noun]'): "
                                              "also sample with DCI KSampler and report its blend weights")
@@ -58,7 +60,8 @@ def main(argv=None) -> None:
 
     # the bench's own sampling, ceiling and training, with the probe's settings (it boots ComfyUI)
     bench = bq.Bench(bq.parse_args(["--seeds", str(args.seeds), "--lr", str(args.lr), "--prefix", args.prefix,
-                                    "--train-steps", str(args.steps), "--threads", str(args.threads)]))
+                                    "--caption", args.caption, "--train-steps", str(args.steps),
+                                    "--threads", str(args.threads)]))
     from dci.toyworld.render import caption
 
     from .toyworld import fidelity as fid
@@ -93,8 +96,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     model, clip, ref = bench.train(args.mode, args.concept, concept, label=f"probe_{args.mode}")
     print(f"# trained {args.mode} on {args.concept}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; "
-          f"template prefix {args.prefix!r}", flush=True)
-    template = f"{args.prefix} {bq.TRIGGER} {concept.class_noun}".strip()
+          f"caption {args.caption}", flush=True)
+    words = bench.caption_context(concept)
+    template = " ".join(w for w in (words["prefix_context"], bq.TRIGGER, concept.class_noun,
+                                    words["suffix_context"].strip(".")) if w)
     report("template", [(template, sample(model, clip, template, 1 + i)) for i in range(max(1, args.prompts // 2))],
            scene_prompts=False)
     own = concept_prompt(training_scenes(concept, 1, 0)[0], bq.TRIGGER, concept)

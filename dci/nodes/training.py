@@ -96,7 +96,7 @@ class DCITrainConcept:
                                       "start from rarely used tokens."),
                 "mode": spec(list(ico.MODES), "ico: every image gets learnable caption contexts (better "
                              "editability). custom_diffusion: the fixed caption '<prefix_context> <trigger> "
-                             "<class>', by default 'photo of a <trigger> <class>' (baseline). infusion: the same caption, but only one residual vector per "
+                             "<class> <suffix_context>', by default 'photo of a <trigger> <class>' (baseline). infusion: the same caption, but only one residual vector per "
                              "cross-attention layer trains (added to the values at the trigger's tokens; the "
                              "trigger's token vectors stay fixed).", default=d.mode),
                 "prefix_context": spec("STRING", "ico: words the per-image prefix starts from (its length is "
@@ -105,7 +105,9 @@ class DCITrainConcept:
                                        "empty), e.g. in the language the model's captions use.",
                                        default=d.prefix),
                 "suffix_context": spec("STRING", "ico: words (or a number of random tokens) the per-image suffix "
-                                       "starts from; empty for none.", default=d.suffix),
+                                       "starts from; empty for none. custom_diffusion/infusion: fixed words "
+                                       "after the class noun, e.g. the scene the photos share ('on a white "
+                                       "background'); the default '.' adds nothing.", default=d.suffix),
                 "steps": _ranged("INT", "steps", "Optimisation steps (the reference trains 900 at batch 6)."),
                 "batch_size": _ranged("INT", "batch_size", "Concept images per step (as many regularisation "
                                       "images are added when connected)."),

@@ -124,6 +124,16 @@ def concept_prompt(scene: SceneSpec, token: str, concept: ToyConcept) -> str:
     return caption(scene, noun=f"{token} {concept.class_noun}")
 
 
+def training_caption_words(concept: ToyConcept, token: str) -> tuple[str, str]:
+    """The world's caption of the training renders' shared scene, split around "<token> <class noun>": the
+    words before and after, e.g. ("a large", "in the centre on a white background")."""
+    text = concept_prompt(training_scenes(concept, 1, 0)[0], token, concept)
+    before, sep, after = text.partition(f" {token} {concept.class_noun}")
+    if not sep:
+        raise ValueError(f"the training caption {text!r} does not hold '{token} {concept.class_noun}'")
+    return before.strip(), after.strip()
+
+
 def description_prompt(scene: SceneSpec, concept: ToyConcept) -> str:
     """The same scene asked for with the concept's full nameable description instead of a trigger word."""
     return caption(scene, noun=concept.description())

@@ -130,18 +130,24 @@ def test_ico_and_custom_diffusion_differ_only_in_the_captions(setup):
     assert all(torch.equal(a.concept.kv_deltas[k], b.concept.kv_deltas[k]) for k in a.concept.kv_deltas)
 
 
-def test_custom_diffusion_takes_its_caption_words_from_prefix_context(setup):
-    """custom_diffusion's fixed caption is '<prefix_context> <trigger> <class>' ("photo of a" by default, as before):
-    with "a" it sees at step 1 what an ICO prefix starting as "a" sees, not what the default caption sees; an ICO
-    context length (a number) is refused with the reason."""
+def test_custom_diffusion_takes_its_caption_words_from_prefix_and_suffix_context(setup):
+    """custom_diffusion's fixed caption is '<prefix_context> <trigger> <class> <suffix_context>' ("photo of a" and
+    no suffix by default, as before): with "a" … "on a white background" it sees at step 1 what an ICO context
+    starting from the same words sees, not what the default caption sees; the default suffix "." adds nothing; an
+    ICO context length (a number) is refused with the reason, in either place."""
     comfy, model, clip, vae, images = setup
-    ico_a = direct(model, clip, vae, images, "t_pre_ico", steps=1, prefix_context="a", suffix_context="")
+    scene = "on a white background"
+    ico_a = direct(model, clip, vae, images, "t_pre_ico", steps=1, prefix_context="a", suffix_context=scene)
     cd_a = direct(model, clip, vae, images, "t_pre_cd", steps=1, mode="custom_diffusion", prefix_context="a",
-                  suffix_context="ignored by custom_diffusion")
+                  suffix_context=scene)
     cd_default = direct(model, clip, vae, images, "t_pre_cd0", steps=1, mode="custom_diffusion")
+    cd_no_suffix = direct(model, clip, vae, images, "t_pre_cd1", steps=1, mode="custom_diffusion", suffix_context="")
     assert cd_a.losses == ico_a.losses and cd_a.losses != cd_default.losses
+    assert cd_default.losses == cd_no_suffix.losses
     with pytest.raises(TrainingError, match="prefix_context must be words"):
         direct(model, clip, vae, images, "t_pre_n", steps=1, mode="custom_diffusion", prefix_context="4")
+    with pytest.raises(TrainingError, match="suffix_context must be words"):
+        direct(model, clip, vae, images, "t_suf_n", steps=1, mode="infusion", suffix_context="3")
 
 
 def test_loss_falls_when_overfitting_one_image(setup):

@@ -126,6 +126,18 @@ def test_concepts_are_unnameable_and_narrow() -> None:
         assert c.description() in concepts.description_prompt(evals[0], c)
 
 
+def test_training_caption_words_wrap_the_trigger_in_the_training_scene() -> None:
+    """bench-quality --caption scene: the words around "sks <class>" rebuild the world's caption of the training
+    renders' scene, which parses back to that scene (not to the evaluation scenes)."""
+    for c in concepts.CONCEPTS.values():
+        before, after = concepts.training_caption_words(c, "sks")
+        text = f"{before} sks {c.class_noun} {after}"
+        assert text == concepts.concept_prompt(concepts.training_scenes(c, 1, 0)[0], "sks", c)
+        assert before == "a large" and after == f"in the centre on a {c.background} background"
+        read = render.parse_caption(text)
+        assert (read["size"], read["position"], read["background"]) == ("large", "centre", c.background)
+
+
 @pytest.mark.parametrize("text", ["a small sks circle at the left on a green background",
                                   "a sks small circle at the left on a green background",
                                   "a small sks green circle at the left on a green background"])

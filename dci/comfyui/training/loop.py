@@ -260,7 +260,7 @@ class TrainingRun:
                     prefix = t.contexts[f"{k}.prefix"][i] if f"{k}.prefix" in t.contexts else []
                     suffix = t.contexts[f"{k}.suffix"][i] if f"{k}.suffix" in t.contexts else []
                 else:
-                    prefix, suffix = p.prefix_entries[k], []
+                    prefix, suffix = p.prefix_entries[k], p.suffix_entries[k]
                 j = self.concept_of[i]
                 rows.append(ico.caption_entries(enc.special, prefix, t.tokens[token_key(k, j)],
                                                 p.class_entries[j][k], suffix))

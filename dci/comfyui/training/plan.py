@@ -47,6 +47,20 @@ def fixed_prefix(text: str, mode: str) -> str:
     return spec.words
 
 
+def fixed_suffix(text: str, mode: str) -> str:
+    """The words after the class noun in the custom_diffusion/infusion caption: ``suffix_context`` as written,
+    e.g. the scene the photos share ("on a white background"), so that the scene's look goes to its own words
+    rather than to the trigger. The node's default "." (ICO's starting suffix) adds nothing here, so captions
+    made before these modes read the suffix stay as they were. A number of random tokens is refused."""
+    if text.strip() == ".":
+        return ""
+    spec = ico.parse_context_spec(text)
+    if spec.length:
+        raise TrainingError(f"{mode} trains on a fixed caption: suffix_context must be words (e.g. 'on a white "
+                            f"background') or empty, not a number of random tokens ({text!r})")
+    return spec.words
+
+
 def _check_images(images, reg_images, settings: TrainSettings) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
         raise TrainingError("no concept images: connect an IMAGE batch with at least one image")
@@ -138,8 +152,10 @@ def plan_training(model, clip, images, settings: TrainSettings, folder: Path, na
             raise TrainingError(f"the class noun {noun!r} gives no tokens")
     if settings.mode == "ico":
         prefix, suffix = ico.parse_context_spec(settings.prefix), ico.parse_context_spec(settings.suffix)
-    else:  # the fixed caption "<prefix words> <trigger> <class>", as the official code's --instance_prompt
-        prefix, suffix = ico.ContextSpec(words=fixed_prefix(settings.prefix, settings.mode)), ico.ContextSpec()
+    else:  # the fixed caption "<prefix words> <trigger> <class> <suffix words>", as the official code's
+        # --instance_prompt
+        prefix = ico.ContextSpec(words=fixed_prefix(settings.prefix, settings.mode))
+        suffix = ico.ContextSpec(words=fixed_suffix(settings.suffix, settings.mode))
     none = {k: [] for k in text.keys}
     prefix_entries = text.word_entries(prefix.words, "prefix") if prefix.words else none
     suffix_entries = text.word_entries(suffix.words, "suffix") if suffix.words else none
