@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     bench = bq.Bench(bq.parse_args(["--seeds", str(args.seeds), "--lr", str(args.lr), "--prefix", args.prefix,
                                     "--caption", args.caption, "--train-steps", str(args.steps),
                                     "--threads", str(args.threads)]))
+    from dci.comfyui.training.plan import fixed_suffix
     from dci.toyworld.render import caption
 
     from .toyworld import fidelity as fid
@@ -97,9 +98,9 @@ def main(argv=None) -> None:
     model, clip, ref = bench.train(args.mode, args.concept, concept, label=f"probe_{args.mode}")
     print(f"# trained {args.mode} on {args.concept}: {args.steps} steps in {time.perf_counter() - t0:.0f} s; "
           f"caption {args.caption}", flush=True)
-    words = bench.caption_context(concept)
+    words = bench.caption_context(concept)  # as the custom_diffusion caption reads them (ICO's "." adds nothing)
     template = " ".join(w for w in (words["prefix_context"], bq.TRIGGER, concept.class_noun,
-                                    words["suffix_context"].strip(".")) if w)
+                                    fixed_suffix(words["suffix_context"], args.mode)) if w)
     report("template", [(template, sample(model, clip, template, 1 + i)) for i in range(max(1, args.prompts // 2))],
            scene_prompts=False)
     own = concept_prompt(training_scenes(concept, 1, 0)[0], bq.TRIGGER, concept)

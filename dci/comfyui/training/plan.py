@@ -39,25 +39,24 @@ class Plan:
 
 def fixed_prefix(text: str, mode: str) -> str:
     """The words before the trigger in the custom_diffusion/infusion caption: ``prefix_context`` as written
-    (default "photo of a"; empty for none). A number of random tokens is an ICO context and is refused here."""
-    spec = ico.parse_context_spec(text)
-    if spec.length:
-        raise TrainingError(f"{mode} trains on a fixed caption: prefix_context must be words (e.g. "
-                            f"'{ico.CUSTOM_DIFFUSION_PREFIX}') or empty, not a number of random tokens ({text!r})")
-    return spec.words
+    (default "photo of a"; empty for none)."""
+    return _fixed_words(text, mode, "prefix_context", ico.CUSTOM_DIFFUSION_PREFIX)
 
 
 def fixed_suffix(text: str, mode: str) -> str:
     """The words after the class noun in the custom_diffusion/infusion caption: ``suffix_context`` as written,
     e.g. the scene the photos share ("on a white background"), so that the scene's look goes to its own words
     rather than to the trigger. The node's default "." (ICO's starting suffix) adds nothing here, so captions
-    made before these modes read the suffix stay as they were. A number of random tokens is refused."""
-    if text.strip() == ".":
-        return ""
+    made before these modes read the suffix stay as they were."""
+    return "" if text.strip() == "." else _fixed_words(text, mode, "suffix_context", "on a white background")
+
+
+def _fixed_words(text: str, mode: str, name: str, example: str) -> str:
+    """A fixed caption part's words; a number of random tokens is an ICO context and is refused here."""
     spec = ico.parse_context_spec(text)
     if spec.length:
-        raise TrainingError(f"{mode} trains on a fixed caption: suffix_context must be words (e.g. 'on a white "
-                            f"background') or empty, not a number of random tokens ({text!r})")
+        raise TrainingError(f"{mode} trains on a fixed caption: {name} must be words (e.g. '{example}') or empty, "
+                            f"not a number of random tokens ({text!r})")
     return spec.words
 
 
