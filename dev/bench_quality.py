@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="euler", help="sampler name")
     p.add_argument("--train-steps", type=int, default=600, help="training steps per concept and method")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"], help="per-image learning rate")
+    p.add_argument("--context-lr", type=float, default=TRAIN["context_lr_multiplier"],
+                   help="ico: its learned contexts' learning rate as a multiple of --lr")
     p.add_argument("--prefix", default=TRAIN["prefix_context"],
                    help="the training captions' words before the trigger: the fixed words of cd and infusion, "
                         "the starting words of ico's learned prefix ('a' is the toy world's own caption start)")
@@ -268,7 +270,8 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
             class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=steps,
             save_name=f"bench_quality_{label}_{name}", **extra,
             **{**TRAIN, **self.caption_context(concept),
-               "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr})[0]
+               "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr,
+               "context_lr_multiplier": self.args.context_lr})[0]
         self._tick(f"train {label}", t0)
         return model, clip, ref
 

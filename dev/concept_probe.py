@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=600, help="training steps (the bench's budget)")
     p.add_argument("--lr", type=float, default=TRAIN["learning_rate"],
                    help="per-image learning rate (infusion: the bench's --infusion-lr default)")
+    p.add_argument("--context-lr", type=float, default=TRAIN["context_lr_multiplier"],
+                   help="ico: the contexts' learning rate as a multiple of --lr (bench-quality's --context-lr)")
     p.add_argument("--prompts", type=int, default=12, help="evaluation prompts (the bench's default)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
@@ -61,6 +63,7 @@ def main(argv=None) -> None:
     # the bench's own sampling, ceiling and training, with the probe's settings (it boots ComfyUI)
     bench = bq.Bench(bq.parse_args(["--seeds", str(args.seeds), "--lr", str(args.lr), "--prefix", args.prefix,
                                     "--caption", args.caption, "--train-steps", str(args.steps),
+                                    "--context-lr", str(args.context_lr),
                                     "--threads", str(args.threads)]))
     from dci.comfyui.training.plan import fixed_suffix
     from dci.toyworld.render import caption
