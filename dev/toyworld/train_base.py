@@ -18,6 +18,12 @@ the latent cache).
 ``--unet-from FILE --detail-steps N`` takes UNet and text encoder from an existing toy-world file and runs only
 the detail phase on them (the file's own work folder is not needed; AdamW starts fresh under the phase's warm-up).
 
+``--device cuda`` runs the text, UNet and latent-caching work on a GPU (the random streams stay on the CPU, so a
+run draws the same batches and noise on either device); VAE training and the decoder refinement stay on the CPU.
+``--unet-minutes M`` sizes the UNet stage to a time budget: it times its first steps, then sets the number of
+main and detail steps so that the stage takes about M minutes, in the ratio of ``--unet-steps`` to
+``--detail-steps`` (the schedule is fixed from step 40 on, inside the warm-up; a resume keeps it).
+
 Usage: python3 dev/host.py python -m dev.toyworld.train_base [--work DIR] [--out FILE] [--unet-steps N] ...
 """
 
@@ -82,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop-at", type=int, default=0,
                     help="stop after this UNet step with a checkpoint, without writing --out (0: run to the end)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu",
+                    help="where the text and UNet stages and the latent caching run: cpu (default) or cuda[:N]")
+    ap.add_argument("--unet-minutes", type=float, default=0.0,
+                    help="size the UNet stage (main + detail steps, in their given ratio) to about this many "
+                         "minutes, timed on its first steps (0: the given step counts)")
     return ap.parse_args(argv)
 
 
@@ -91,8 +102,23 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.out} exists; pass --overwrite to replace it, or another --out")
     if args.unet_from is not None and not args.detail_steps:
         raise SystemExit("--unet-from continues a finished model: give --detail-steps too")
+    if args.unet_minutes < 0:
+        raise SystemExit("--unet-minutes must be >= 0")
+    if args.unet_minutes and args.unet_from is not None:
+        raise SystemExit("--unet-minutes sizes a whole UNet schedule; with --unet-from give --detail-steps instead")
     if args.unet_from is not None and not args.unet_from.is_file():
         raise SystemExit(f"--unet-from {args.unet_from}: no such file")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif device.type != "cpu":
+        raise SystemExit(f"--device {args.device}: only cpu and cuda are supported")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     from dev import harness

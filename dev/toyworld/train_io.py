@@ -27,7 +27,7 @@ def fmt_eta(seconds: float) -> str:
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
     """A checkpoint or model file, written atomically (a killed run never leaves a torn file)."""
-    write_safetensors(path, {k: v.detach().contiguous() for k, v in tensors.items()}, meta)
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
 
 
 def load_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -69,7 +69,7 @@ class AttributeHeads(torch.nn.Module):
     def loss(self, ctx: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over attributes, on the end-of-text token and the padding after it."""
         eos = (ids == 49407).int().argmax(dim=1)  # the SD1 tokenizer pads with end-of-text
-        keep = torch.arange(ids.shape[1])[None, :] >= eos[:, None]  # [B, T]
+        keep = torch.arange(ids.shape[1], device=ids.device)[None, :] >= eos[:, None]  # [B, T]
         logits = self.proj(ctx[keep])  # [N, C]
         target = labels[:, None, :].expand(-1, ids.shape[1], -1)[keep]  # [N, A]
         parts = torch.split(logits, self.sizes, dim=1)
@@ -80,7 +80,7 @@ class AttributeHeads(torch.nn.Module):
     def accuracy(self, ctx: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> list[float]:
         """Per-attribute accuracy read at the end-of-text token."""
         eos = (ids == 49407).int().argmax(dim=1)
-        logits = self.proj(ctx[torch.arange(len(ids)), eos])
+        logits = self.proj(ctx[torch.arange(len(ids), device=ids.device), eos])
         parts = torch.split(logits, self.sizes, dim=1)
         return [(part.argmax(1) == labels[:, i]).float().mean().item() for i, part in enumerate(parts)]
 
@@ -116,11 +116,13 @@ def pretrain_text(specs, encoder, heads: AttributeHeads, tokens: CaptionTokens, 
     if args.text_steps <= 0:
         return
     params = list(te.parameters()) + list(heads.parameters())
+    device = params[0].device
     opt = torch.optim.AdamW(params, lr=args.text_lr, weight_decay=0.01)
     t0 = time.time()
     for step in range(args.text_steps):
         rng = np.random.default_rng([args.seed, 3, step])
         _, ids, labels = caption_batch(specs, rng, tokens, 256, args.caption_dropout)
+        ids, labels = ids.to(device), labels.to(device)
         for grp in opt.param_groups:
             grp["lr"] = args.text_lr * min(1.0, (step + 1) / 20)
         ctx = encode(encoder, ids)

@@ -59,6 +59,10 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     tm.init_weights(te)
     tokens = CaptionTokens(clip)
     heads = AttributeHeads(text_cfg["hidden_size"])
+    device = torch.device(getattr(args, "device", "cpu"))
+    dm.to(device)
+    te.to(device)
+    heads.to(device)
     for p in list(dm.parameters()) + list(te.parameters()):
         p.requires_grad_(True)
     dm.train()
@@ -75,7 +79,11 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.999))
     ema = Ema(named, args.ema)
-    alphas_cumprod = 1.0 / (1.0 + base.model_sampling.sigmas.float() ** 2)
+    alphas_cumprod = (1.0 / (1.0 + base.model_sampling.sigmas.float() ** 2)).to(device)
+    latents = latents.to(device)
+    main_steps, detail_steps = args.unet_steps, getattr(args, "detail_steps", 0)
+    budget = getattr(args, "unet_minutes", 0.0)
+    sized = False  # the schedule was set by a time budget (this run's or a resumed one's)
     start, elapsed_before = 0, 0.0
     if ckpt.exists():
         sd, meta = load_st(ckpt)
@@ -86,21 +94,32 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         ema.load_checkpoint(sd, opt)
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
         log(f"UNet: resumed at step {start}")
+        if budget and "sized_steps" in meta:  # the schedule a time budget fixed stays fixed
+            main_steps, detail_steps = json.loads(meta["sized_steps"])
+            budget, sized = 0.0, True
+            log(f"UNet: the time budget set {main_steps} + {detail_steps} steps")
     elif unet_from is not None:
         start = weights_from_file(unet_from, dm, te, unet_cfg, args)
         ema.reset_to_weights()
 
-    main_steps, detail_steps = args.unet_steps, getattr(args, "detail_steps", 0)
+    if budget and start >= main_steps:
+        log("UNet: --unet-minutes ignored: this run resumes inside the detail phase of a schedule set without it")
+        budget = 0.0
+    timing = (start + TIMING[0], start + TIMING[1])  # a time budget times these steps of this run
+    if budget:  # provisional until the timing is done; never fewer main steps than the timing runs
+        main_steps = max(main_steps, timing[1])
     total = main_steps + detail_steps
     log(f"UNet params {tm.count_parameters(dm):,}, text params {tm.count_parameters(te):,}; {main_steps} + "
         f"{detail_steps} detail steps, batch {args.batch}")
     cells = None
     if detail_steps and start < total:
         cells = torch.stack([cell_weights(s, args.detail_object_weight, args.detail_decoration_weight)
-                             for s in specs]).unsqueeze(1)  # [N, 1, 16, 16]
+                             for s in specs]).unsqueeze(1).to(device)  # [N, 1, 16, 16]
     t0, run, run_aux, last_ckpt = time.time(), None, None, time.time()
     warmup = 200
-    for step in range(start, total):
+    timed = None  # (step, time) where the budget's timing starts
+    step = start
+    while step < total:
         detail = step >= main_steps
         if step == max(start, main_steps):  # the first detail step of this run
             for k, p in named:
@@ -109,10 +128,13 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         rng = np.random.default_rng([args.seed, step])  # per-step stream: resuming reproduces the run
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx, ids, labels = caption_batch(specs, rng, tokens, args.batch, args.caption_dropout)
-        x0 = latents[torch.from_numpy(idx)]
+        rows = torch.from_numpy(idx).to(device)
+        ids, labels = ids.to(device), labels.to(device)
+        x0 = latents[rows]
         noise = torch.randn(x0.shape, generator=g)
         noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
-        t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=g)
+        noise = noise.to(device)
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=g).to(device)
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         if detail:  # warm restart: its own warm-up and cosine
@@ -125,7 +147,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             ctx = encode(encoder, ids)
         err = (dm(xt, t.float(), context=ctx) - noise) ** 2
         if detail:
-            w = cells[torch.from_numpy(idx)]
+            w = cells[rows]
             loss = (err * w).mean() / w.mean()
         else:
             loss = err.mean()
@@ -139,6 +161,14 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         run_aux = aux.item() if run_aux is None else 0.98 * run_aux + 0.02 * aux.item()
 
         done = step + 1
+        step = done
+        if budget and done == timing[0]:
+            timed = time.time()
+        elif budget and done == timing[1]:
+            main_steps, detail_steps = sized_steps(budget, (time.time() - timed) / (timing[1] - timing[0]), done,
+                                                   args.unet_steps, getattr(args, "detail_steps", 0))
+            total, budget, sized = main_steps + detail_steps, 0.0, True
+            log(f"UNet: sized to {main_steps} + {detail_steps} steps for {args.unet_minutes:g} minutes")
         if done % 25 == 0 or done == total:
             per = (time.time() - t0) / (done - start)
             log(f"UNet step {done}/{total} loss {run:.4f} text {run_aux:.4f} lr {lr:.2e} {per:.3f}s/step "
@@ -149,14 +179,31 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
             tensors = ema.checkpoint_tensors(opt)
             meta = {"step": str(done), "elapsed": str(seconds), "opt_format": OPT_FORMAT,
                     "unet_config": json.dumps(unet_cfg)}
+            if sized:
+                meta["sized_steps"] = json.dumps([main_steps, detail_steps])
             save_atomic(tensors, ckpt, meta)
-            write_model(dm, clip, taesd, ema, args, work / "toyworld_latest.safetensors", done, seconds)
+            write_model(dm, clip, taesd, ema, args, work / "toyworld_latest.safetensors", done, seconds,
+                        (main_steps, detail_steps))
             last_ckpt = time.time()
             log(f"checkpoint at step {done}")
         if stop:
             log(f"stopped at step {done} of {total}; the same command without --stop-at resumes")
             return None
+    args.unet_steps, args.detail_steps = main_steps, detail_steps  # what ran, for the file's recipe
     return dm, clip, ema, elapsed_before + time.time() - t0
+
+
+# A time budget times a run's steps 10-40 (after its first ones, which warm caches and kernels up).
+TIMING = (10, 40)
+
+
+def sized_steps(minutes: float, per_step: float, done: int, main: int, detail: int) -> tuple[int, int]:
+    """Main and detail steps that take about ``minutes`` at ``per_step`` seconds, in the ratio main : detail;
+    never fewer main steps than the ``done`` already run."""
+    total = max(done, int(minutes * 60 / per_step))
+    new_main = max(done, round(total * main / (main + detail)))
+    new_detail = max(1 if detail else 0, total - new_main)
+    return new_main, new_detail
 
 
 def weights_from_file(path: Path, dm, te, unet_cfg: dict, args) -> int:
@@ -187,8 +234,10 @@ def warm_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def write_model(dm, clip, taesd, ema: Ema, args, path: Path, steps: int, seconds: float) -> None:
-    """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata."""
+def write_model(dm, clip, taesd, ema: Ema, args, path: Path, steps: int, seconds: float,
+                split: tuple[int, int] | None = None) -> None:
+    """The shipped file: EMA weights of UNet and text encoder plus the VAE, fp16, with metadata; ``split``:
+    the (main, detail) steps of the schedule when they differ from the arguments' (a time budget's)."""
     from dci.toyworld import model as tm
     from dci.toyworld.render import WORLD_VERSION
 
@@ -202,5 +251,8 @@ def write_model(dm, clip, taesd, ema: Ema, args, path: Path, steps: int, seconds
              "unet_from": args.unet_from.name if getattr(args, "unet_from", None) else "",
              "prediction": "eps", "zsnr": "false"}
     extra.update({k: getattr(args, k, 0) for k in recipe})
+    if split is not None:
+        extra["unet_steps"], extra["detail_steps"] = split
+    extra["device"] = str(getattr(args, "device", "cpu"))
     meta = tm.file_metadata(tm.TEXT_CONFIG, unet_config(args), extra)
     save_atomic(sd, path, meta)

@@ -78,8 +78,10 @@ def weighted_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
 
 
 def encode_raw(taesd, data: torch.Tensor) -> torch.Tensor:
-    """The encoder's own output for uint8 images [N,3,S,S], in chunks of 32."""
-    return torch.cat([taesd.taesd_encoder(data[i : i + 32].float() / 255.0) for i in range(0, len(data), 32)])
+    """The encoder's own output for uint8 images [N,3,S,S] (on the CPU), in chunks of 32 on the encoder's device."""
+    dev = next(taesd.taesd_encoder.parameters()).device
+    return torch.cat([taesd.taesd_encoder(data[i : i + 32].to(dev).float() / 255.0).cpu()
+                      for i in range(0, len(data), 32)])
 
 
 # (crop size, batch, share of the VAE steps): mostly cheap crops (convolutions don't care about image size;
@@ -114,7 +116,7 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
         log(f"VAE: resumed from {path}")
         return taesd, latents
     if args.vae_from:
-        return vae_from_file(images, taesd, args.vae_from, work)
+        return vae_from_file(images, taesd, args.vae_from, work, torch.device(getattr(args, "device", "cpu")))
 
     torch.manual_seed(args.seed)
     tm.init_weights(taesd)
@@ -188,8 +190,9 @@ def train_vae(specs, images: np.ndarray, args, work: Path):
     return taesd, latents
 
 
-def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path):
-    """The VAE of an existing toy-world file (its fitted scale/shift included) and the latents it gives.
+def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path, device: torch.device | None = None):
+    """The VAE of an existing toy-world file (its fitted scale/shift included) and the latents it gives,
+    encoded on ``device`` (the VAE and the latents come back on the CPU).
 
     Writes the work folder's VAE and decoder files, so that the later stages and resumes see a finished
     VAE stage.
@@ -204,7 +207,8 @@ def vae_from_file(images: np.ndarray, taesd, source: Path, work: Path):
     taesd.eval()
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
-        raw = encode_raw(taesd, data)
+        raw = encode_raw(taesd.to(device or "cpu"), data)
+        taesd.cpu()
         latents = tm.LATENT_SCALE * (raw / taesd.vae_scale + taesd.vae_shift)
     log(f"VAE: taken from {source}; UNet-latent std {latents.std().item():.3f}")
     save_atomic({**taesd.state_dict(), "_latents": latents}, work / "vae.safetensors", {"from": str(source)})

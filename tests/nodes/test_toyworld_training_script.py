@@ -223,3 +223,43 @@ def test_unet_from_runs_only_the_detail_phase_on_a_finished_file(runs):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0 and "give --detail-steps too" in proc.stderr, proc.stderr[-2000:]
     assert not (root / "g.safetensors").exists()
+
+
+def test_unet_minutes_sizes_the_schedule_and_records_it(runs):
+    """--unet-minutes times the run's first steps and sets main and detail steps in their given ratio (never
+    fewer main steps than the timing ran); the file's recipe records the steps that ran."""
+    root, *_ = runs
+    out = root / "sized.safetensors"
+    log = train(seeded(root, "sized"), out, "--unet-steps", "100", "--detail-steps", "20", "--unet-minutes", "0.001")
+    assert "UNet: sized to 40 + 1 steps for 0.001 minutes" in log, log[-2000:]
+    assert "UNet step 41/41" in log
+    meta = metadata(out)
+    assert (meta["toyworld.steps"], meta["toyworld.unet_steps"], meta["toyworld.detail_steps"]) == ("41", "40", "1")
+    assert meta["toyworld.device"] == "cpu"
+    from dev.toyworld.train_unet import sized_steps
+
+    assert sized_steps(10, 0.5, 40, 7000, 1000) == (1050, 150)  # 1,200 steps in the ratio 7 : 1
+    assert sized_steps(10, 0.5, 40, 7000, 0) == (1200, 0)
+    assert sized_steps(0.01, 0.5, 40, 7000, 1000) == (40, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "meta"], "only cpu and cuda are supported"),
+    (["--device", "nonsense:x"], "--device nonsense:x"),
+    (["--unet-minutes", "-1"], "--unet-minutes must be >= 0"),
+    (["--unet-minutes", "5", "--unet-from", "x.safetensors", "--detail-steps", "2"], "with --unet-from give --detail-steps"),
+])
+def test_bad_device_and_budget_arguments_are_refused(comfy, tmp_path, argv, message):
+    out = tmp_path / "m.safetensors"
+    cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path / "w"), "--out", str(out), *SMALL, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_cuda_without_a_gpu_is_refused(comfy, tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "m.safetensors"), *SMALL,
+           "--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "sees no CUDA GPU; use --device cpu" in proc.stderr, proc.stderr[-2000:]
