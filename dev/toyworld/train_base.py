@@ -18,11 +18,14 @@ the latent cache).
 ``--unet-from FILE --detail-steps N`` takes UNet and text encoder from an existing toy-world file and runs only
 the detail phase on them (the file's own work folder is not needed; AdamW starts fresh under the phase's warm-up).
 
-``--device cuda`` runs the text, UNet and latent-caching work on a GPU (the random streams stay on the CPU, so a
-run draws the same batches and noise on either device); VAE training and the decoder refinement stay on the CPU.
-``--unet-minutes M`` sizes the UNet stage to a time budget: it times its first steps, then sets the number of
+``--device cuda`` runs the text and UNet stages on a GPU, and with ``--vae-from`` the latent caching too (the
+random streams stay on the CPU, so a run draws the same batches and noise on either device; GPU arithmetic is not
+bit-reproducible, TF32 is on); VAE training and the decoder refinement stay on the CPU.
+``--unet-minutes M`` sizes the UNet stage to a time budget: it times its steps 10-40, then sets the number of
 main and detail steps so that the stage takes about M minutes, in the ratio of ``--unet-steps`` to
-``--detail-steps`` (the schedule is fixed from step 40 on, inside the warm-up; a resume keeps it).
+``--detail-steps`` (timed on main steps; detail steps are a little cheaper, so a run ends a little early). The
+schedule is fixed from step 40 on, inside the warm-up; a resume keeps it, and the file records the asked and the
+run steps.
 
 Usage: python3 dev/host.py python -m dev.toyworld.train_base [--work DIR] [--out FILE] [--unet-steps N] ...
 """
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--unet-minutes must be >= 0")
     if args.unet_minutes and args.unet_from is not None:
         raise SystemExit("--unet-minutes sizes a whole UNet schedule; with --unet-from give --detail-steps instead")
+    if args.unet_minutes and args.unet_steps < 40:
+        raise SystemExit("--unet-minutes times the UNet's steps 10-40: give --unet-steps 40 or more (the ratio of "
+                         "--unet-steps to --detail-steps is what counts)")
     if args.unet_from is not None and not args.unet_from.is_file():
         raise SystemExit(f"--unet-from {args.unet_from}: no such file")
     try:
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif device.type != "cpu":
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = train_unet(specs, latents, taesd, args, args.work)
     if trained is None:
         return
-    dm, clip, ema, _ = trained
-    write_model(dm, clip, taesd, ema, args, args.out, args.unet_steps + args.detail_steps, time.time() - t_start)
+    dm, clip, ema, _, split = trained
+    write_model(dm, clip, taesd, ema, args, args.out, sum(split), time.time() - t_start, split)
     log(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {(time.time() - t_start) / 60:.1f} min")
 
 

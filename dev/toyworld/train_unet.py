@@ -4,7 +4,8 @@ SD1.5's ε schedule on the cached latents, offset noise (without it flat backgro
 mixtures: the schedule's last step still carries the image mean), caption dropout for classifier-free
 guidance, an EMA of the weights, and the attribute loss of stage 3 kept on at a small weight so the words stay
 apart while the UNet learns to use them. Checkpoints (weights, EMA, AdamW moments) are written atomically
-every few minutes; every step draws from its own seeded stream, so a resumed run equals a straight one.
+every few minutes; every step draws from its own seeded stream, so a resumed run equals a straight one (bit for
+bit on a CPU; GPU arithmetic is not bit-reproducible).
 
 An optional **detail phase** (``--detail-steps``) follows the main schedule: a warm restart of the learning rate
 with the text encoder frozen (its file weights stay bit-identical, so anything trained against it stays valid)
@@ -44,8 +45,8 @@ def unet_config(args) -> dict:
 
 
 def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
-    """Stages 3 and 4; returns (diffusion model, clip, ema, seconds), or None when the run
-    stopped at ``--stop-at`` (checkpointed; the same command without it resumes)."""
+    """Stages 3 and 4; returns (diffusion model, clip, ema, seconds, (main, detail) steps of the schedule), or
+    None when the run stopped at ``--stop-at`` (checkpointed; the same command without it resumes)."""
     from dci.toyworld import model as tm
 
     torch.manual_seed(args.seed + 2)
@@ -94,7 +95,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         ema.load_checkpoint(sd, opt)
         start, elapsed_before = int(meta["step"]), float(meta["elapsed"])
         log(f"UNet: resumed at step {start}")
-        if budget and "sized_steps" in meta:  # the schedule a time budget fixed stays fixed
+        if "sized_steps" in meta:  # the schedule a time budget fixed stays fixed, with or without the option
             main_steps, detail_steps = json.loads(meta["sized_steps"])
             budget, sized = 0.0, True
             log(f"UNet: the time budget set {main_steps} + {detail_steps} steps")
@@ -117,7 +118,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
                              for s in specs]).unsqueeze(1).to(device)  # [N, 1, 16, 16]
     t0, run, run_aux, last_ckpt = time.time(), None, None, time.time()
     warmup = 200
-    timed = None  # (step, time) where the budget's timing starts
+    timed = 0.0  # when the budget's timing window started
     step = start
     while step < total:
         detail = step >= main_steps
@@ -189,8 +190,7 @@ def train_unet(specs, latents: torch.Tensor, taesd, args, work: Path):
         if stop:
             log(f"stopped at step {done} of {total}; the same command without --stop-at resumes")
             return None
-    args.unet_steps, args.detail_steps = main_steps, detail_steps  # what ran, for the file's recipe
-    return dm, clip, ema, elapsed_before + time.time() - t0
+    return dm, clip, ema, elapsed_before + time.time() - t0, (main_steps, detail_steps)
 
 
 # A time budget times a run's steps 10-40 (after its first ones, which warm caches and kernels up).
@@ -245,14 +245,17 @@ def write_model(dm, clip, taesd, ema: Ema, args, path: Path, steps: int, seconds
         sd = tm.state_dict_for_file(dm, clip.cond_stage_model, taesd)
     recipe = ("seed", "batch", "images", "vae_steps", "decoder_steps", "lr", "offset_noise", "caption_dropout",
               "text_steps", "text_aux", "unet_steps", "detail_steps", "detail_lr", "detail_object_weight",
-              "detail_decoration_weight")
+              "detail_decoration_weight", "unet_minutes")
     extra = {"world_version": WORLD_VERSION, "steps": steps, "train_seconds": round(seconds, 1),
              "vae_from": args.vae_from.name if args.vae_from else "",
              "unet_from": args.unet_from.name if getattr(args, "unet_from", None) else "",
              "prediction": "eps", "zsnr": "false"}
     extra.update({k: getattr(args, k, 0) for k in recipe})
-    if split is not None:
+    if split is not None and tuple(split) != (args.unet_steps, getattr(args, "detail_steps", 0)):
+        # a time budget set the schedule: the steps that ran, and what the command asked (its warm-up steps
+        # ran under the asked schedule, so the command reproduces the file, the recorded steps alone don't)
         extra["unet_steps"], extra["detail_steps"] = split
+        extra["asked_steps"] = [args.unet_steps, getattr(args, "detail_steps", 0)]
     extra["device"] = str(getattr(args, "device", "cpu"))
     meta = tm.file_metadata(tm.TEXT_CONFIG, unet_config(args), extra)
     save_atomic(sd, path, meta)

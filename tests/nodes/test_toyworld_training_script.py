@@ -235,7 +235,15 @@ def test_unet_minutes_sizes_the_schedule_and_records_it(runs):
     assert "UNet step 41/41" in log
     meta = metadata(out)
     assert (meta["toyworld.steps"], meta["toyworld.unet_steps"], meta["toyworld.detail_steps"]) == ("41", "40", "1")
+    assert meta["toyworld.asked_steps"] == "[100, 20]" and meta["toyworld.unet_minutes"] == "0.001"
     assert meta["toyworld.device"] == "cpu"
+    # a run stopped after the sizing resumes under the schedule it set, also without the option
+    stopped = train(seeded(root, "sized_resumed"), root / "sized_resumed.safetensors", "--unet-steps", "100",
+                    "--detail-steps", "20", "--unet-minutes", "0.001", "--stop-at", "40")
+    assert "sized to 40 + 1 steps" in stopped and "stopped at step 40 of 41" in stopped
+    resumed = train(root / "sized_resumed", root / "sized_resumed.safetensors", "--unet-steps", "100", "--detail-steps", "20")
+    assert "UNet: the time budget set 40 + 1 steps" in resumed and "UNet step 41/41" in resumed
+    assert metadata(root / "sized_resumed.safetensors")["toyworld.steps"] == "41"
     from dev.toyworld.train_unet import sized_steps
 
     assert sized_steps(10, 0.5, 40, 7000, 1000) == (1050, 150)  # 1,200 steps in the ratio 7 : 1
@@ -247,6 +255,7 @@ def test_unet_minutes_sizes_the_schedule_and_records_it(runs):
     (["--device", "meta"], "only cpu and cuda are supported"),
     (["--device", "nonsense:x"], "--device nonsense:x"),
     (["--unet-minutes", "-1"], "--unet-minutes must be >= 0"),
+    (["--unet-minutes", "5", "--unet-steps", "20"], "give --unet-steps 40 or more"),
     (["--unet-minutes", "5", "--unet-from", "x.safetensors", "--detail-steps", "2"], "with --unet-from give --detail-steps"),
 ])
 def test_bad_device_and_budget_arguments_are_refused(comfy, tmp_path, argv, message):
