@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--unet-minutes must be >= 0")
     if args.unet_minutes and args.unet_from is not None:
         raise SystemExit("--unet-minutes sizes a whole UNet schedule; with --unet-from give --detail-steps instead")
-    if args.unet_minutes and args.unet_steps < 40:
-        raise SystemExit("--unet-minutes times the UNet's steps 10-40: give --unet-steps 40 or more (the ratio of "
-                         "--unet-steps to --detail-steps is what counts)")
+    from dev.toyworld.train_unet import TIMING  # torch and numpy only: no ComfyUI import yet
+
+    if args.unet_minutes and args.unet_steps < TIMING[1]:
+        raise SystemExit(f"--unet-minutes times the UNet's steps {TIMING[0]}-{TIMING[1]}: give --unet-steps "
+                         f"{TIMING[1]} or more (the ratio of --unet-steps to --detail-steps is what counts)")
     if args.unet_from is not None and not args.unet_from.is_file():
         raise SystemExit(f"--unet-from {args.unet_from}: no such file")
     try:
