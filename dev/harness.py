@@ -58,7 +58,13 @@ def configure() -> Path:
     _BASE = Path(tempfile.mkdtemp(prefix="dci-comfy-base-"))
     atexit.register(shutil.rmtree, _BASE, True)
     args = comfy.cli_args.args
-    args.cpu = True
+    # DCI_HARNESS_DEVICE=cuda runs the in-process host (the benches, the probes) on ComfyUI's GPU, kept in fp32
+    # so that its figures compare with the CPU's; the default and the tests stay on the CPU.
+    device = os.environ.get("DCI_HARNESS_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise RuntimeError(f"DCI_HARNESS_DEVICE must be 'cpu' or 'cuda', not {device!r}")
+    args.cpu = device == "cpu"
+    args.force_fp32 = device == "cuda"
     args.use_pytorch_cross_attention = True
     args.base_directory = str(_BASE)
     args.disable_api_nodes = True

@@ -309,3 +309,20 @@ def test_an_image_list_of_mixed_sizes_trains_like_the_squared_batch(setup):
     with pytest.raises(Exception, match="only the images may be lists"):
         comfy.run_node_lists("DCITrainConcept", images=items, save_name=["x", "y"],
                              **{k: [v] for k, v in inputs.items()})
+
+
+def test_base_weights_that_ask_for_gradients_stay_frozen_and_untouched(comfy):
+    """Weights built outside inference mode keep nn.Module's requires_grad=True (on a CUDA device ComfyUI left
+    the UNet's weights like that): training must freeze them, give them no gradients and leave them equal."""
+    from dev.fixtures import tiny_sd15_in_memory
+
+    model, clip, vae = tiny_sd15_in_memory(seed=0)
+    modules = (model.model, clip.cond_stage_model)
+    assert all(p.requires_grad and not p.is_inference() for p in model.model.parameters())
+    before = [snapshot(m) for m in modules]
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    train(comfy, model, clip, vae, images, "t_grad_weights")
+    for m, snap in zip(modules, before):
+        params = list(m.parameters())
+        assert all(p.grad is None and not p.requires_grad for p in params)
+        assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())

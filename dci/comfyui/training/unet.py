@@ -152,15 +152,19 @@ def target(prediction: str, noise: torch.Tensor, x0: torch.Tensor, sigma: torch.
 
 
 def autograd_safe(module: torch.nn.Module) -> None:
-    """Replace inference-mode parameters and buffers by equal ordinary tensors, one at a time (no copy kept).
+    """Replace inference-mode parameters and buffers, and parameters that ask for gradients, by equal ordinary
+    frozen tensors, one at a time (no copy kept).
 
     ComfyUI runs nodes under ``torch.inference_mode``, so weights loaded there are inference tensors, which
-    autograd refuses to save for backward. Sampling results are unchanged.
+    autograd refuses to save for backward. On a CUDA device the UNet's weights, once ComfyUI had moved them
+    there for an earlier sampling, were not flagged as inference tensors but still asked for gradients, and the
+    first training step failed with "Inference tensors do not track version counter"; so every parameter that
+    asks for gradients is re-created too (the base weights are never trained). Sampling results are unchanged.
     """
     for sub in module.modules():
         for name, p in list(sub.named_parameters(recurse=False)):
-            if p.is_inference():
-                setattr(sub, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+            if p.is_inference() or p.requires_grad:
+                setattr(sub, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
         for name, b in list(sub.named_buffers(recurse=False)):
             if b.is_inference():
                 setattr(sub, name, b.clone())
