@@ -322,7 +322,7 @@ def test_base_weights_that_ask_for_gradients_stay_frozen_and_untouched(comfy):
     before = [snapshot(m) for m in modules]
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     train(comfy, model, clip, vae, images, "t_grad_weights")
-    for m, snap in zip(modules, before):
+    for m, snap in zip(modules, before, strict=True):
         params = list(m.parameters())
         assert all(p.grad is None and not p.requires_grad for p in params)
         assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
