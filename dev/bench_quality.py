@@ -126,6 +126,9 @@ def parse_args(argv=None):
                         "training renders' shared scene around 'sks circle', e.g. 'a large sks circle in the centre "
                         "on a white background'; replaces --prefix): the fixed words of cd and infusion, the "
                         "starting words of ico's contexts")
+    p.add_argument("--mask", action="store_true",
+                   help="train every method with a foreground-masked loss: the trainer's mask input gets the "
+                        "training renders' object masks (grown by 4 px), so the background adds no loss")
     p.add_argument("--dci", default=DEFAULT_DCI,
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "
@@ -270,12 +273,22 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
         model, clip, ref, _ = self.run(
             "DCITrainConcept", model=self.model, clip=self.clip, vae=self.vae, images=self.training_renders(concept),
             class_noun=concept.class_noun, trigger_word=TRIGGER, mode=mode, steps=steps,
-            save_name=f"bench_quality_{label}_{name}", **extra,
+            save_name=f"bench_quality_{label}_{name}", **extra, **self.training_mask(concept),
             **{**TRAIN, **self.caption_context(concept),
                "learning_rate": self.args.infusion_lr if mode == "infusion" else self.args.lr,
                "context_lr_multiplier": self.args.context_lr})[0]
         self._tick(f"train {label}", t0)
         return model, clip, ref
+
+    def training_mask(self, concept) -> dict:
+        """The trainer's ``mask`` input under ``--mask`` (the renders' object masks), else nothing."""
+        if not getattr(self.args, "mask", False):
+            return {}
+        import torch
+
+        from .toyworld.concepts import training_masks
+
+        return {"mask": torch.from_numpy(training_masks(concept, N_TRAIN_IMAGES, seed=0))}
 
     @staticmethod
     def training_renders(concept):

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default=TRAIN["prefix_context"], help="the trainer's prefix_context")
     p.add_argument("--caption", choices=("short", "scene"), default="short",
                    help="the training caption, as bench-quality's --caption")
+    p.add_argument("--mask", action="store_true", help="foreground-masked training loss, as bench-quality's --mask")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dci", default="", help="one setting in bench-quality's --dci form ('split:λ[:ref|px][:base][:noun]'): "
                                              "also sample with DCI KSampler and report its blend weights")
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     bench = bq.Bench(bq.parse_args(["--seeds", str(args.seeds), "--lr", str(args.lr), "--prefix", args.prefix,
                                     "--caption", args.caption, "--train-steps", str(args.steps),
                                     "--context-lr", str(args.context_lr),
-                                    "--threads", str(args.threads)]))
+                                    "--threads", str(args.threads)] + (["--mask"] if args.mask else [])))
     from dci.comfyui.training.plan import fixed_suffix
     from dci.toyworld.render import caption
 

@@ -1,8 +1,17 @@
-"""Labelled image grids for the demo and the benchmarks."""
+"""Labelled image grids for the demo and the benchmarks, and the fidelity × editability plot.
+
+``python3 -m dev.grid LOG OUT.png [--rows base,cd,ico+dci_a0.5_l2_base]`` redraws a bench-quality plot from the
+``fidelity_floor=…`` and ``method=…`` lines a run printed (``--rows``: a chosen subset, in that order), so a
+figure with fewer labels needs no rerun.
+"""
 
 from __future__ import annotations
 
+import argparse
+import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -81,8 +90,8 @@ def scatter_plot(points: dict[str, tuple[float, float]], fidelity_ends: tuple[fl
         box = label_box(d, name, (cx, cy), taken, (left, top, w - right, h - bottom))
         taken.append(box)
         if abs(box[0] - cx) > 12 and abs(box[2] - cx) > 12 or abs((box[1] + box[3]) / 2 - cy) > 12:
-            lx = box[0] if box[0] > cx else box[2]
-            d.line([cx, cy, lx, (box[1] + box[3]) / 2], fill=colour)
+            # to the label box's nearest point, so the line never runs through the label's text
+            d.line([cx, cy, min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])], fill=colour)
         d.text((box[0], box[1]), name, fill=colour)
     return canvas
 
@@ -106,3 +115,47 @@ def label_box(d, text: str, at: tuple[float, float], taken: list, frame: tuple[f
             if inside and not any(_overlaps(box, t) for t in taken):
                 return box
     return (cx + 6, cy - th / 2, cx + 6 + tw, cy + th / 2)
+
+
+def read_bench_log(text: str) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
+    """The rows (method → (fidelity, editability)) and the scale's ends of one bench-quality run's output.
+    A log holding more than one run's summary is refused: rows of different runs share no scale."""
+    ends = re.findall(r"^fidelity_floor=(\S+) fidelity_ceiling=(\S+)$", text, flags=re.M)
+    if len(ends) != 1:
+        raise ValueError(f"expected one 'fidelity_floor=… fidelity_ceiling=…' line (one run), found {len(ends)}")
+    points = {}
+    for m in re.finditer(r"^method=(\S+) fidelity=(\S+) editability=(\S+) ", text, flags=re.M):
+        if m.group(1) in points:
+            raise ValueError(f"method {m.group(1)!r} appears twice: the log holds more than one run")
+        points[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    if not points:
+        raise ValueError("no 'method=… fidelity=… editability=…' lines in the log")
+    return points, (float(ends[0][0]), float(ends[0][1]))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="redraw a bench-quality fidelity × editability plot from its log")
+    p.add_argument("log", type=Path, help="the bench-quality run's printed output")
+    p.add_argument("out", type=Path, help="the PNG to write (an existing file is refused)")
+    p.add_argument("--rows", default="", help="comma list of method= names to plot, in that order (default: all)")
+    a = p.parse_args(argv)
+    try:
+        points, ends = read_bench_log(a.log.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError) as e:
+        sys.exit(f"{a.log}: {e}")
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()] or list(points)
+    missing = [r for r in rows if r not in points]
+    if missing:
+        sys.exit(f"--rows: {', '.join(missing)} not in the log; it has {', '.join(points)}")
+    if a.out.suffix.lower() != ".png":
+        sys.exit(f"{a.out}: the plot is written as PNG; give a .png name")
+    if a.out.exists():
+        sys.exit(f"{a.out} exists; remove it or choose another name")
+    tmp = a.out.with_name(f".{a.out.name}.tmp")
+    scatter_plot({r: points[r] for r in rows}, ends).save(tmp, format="PNG", optimize=True)
+    tmp.replace(a.out)
+    print(f"plot: {a.out} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,9 +20,13 @@ from dci.toyworld.render import (
     POSITION_PHRASE,
     ObjectSpec,
     SceneSpec,
+    SIZE_RADIUS,
     caption,
     decoration_phrase,
+    emblem_geometry,
+    object_centre,
     render_scene,
+    shape_mask,
 )
 
 
@@ -101,6 +105,21 @@ def training_scenes(concept: ToyConcept, n: int, seed: int) -> list[SceneSpec]:
 def training_images(concept: ToyConcept, n: int, seed: int) -> np.ndarray:
     """uint8 [n, S, S, 3] renders of ``training_scenes``."""
     return np.stack([render_scene(s) for s in training_scenes(concept, n, seed)])
+
+
+def training_masks(concept: ToyConcept, n: int, seed: int, margin: int = 4) -> np.ndarray:
+    """float32 [n, S, S] foreground masks of ``training_images`` (1 = the object's body or emblem), grown by
+    ``margin`` pixels so that the object's edge against the background is learned too."""
+    out = []
+    for spec in training_scenes(concept, n, seed):
+        obj = spec.obj
+        cx, cy = object_centre(obj)
+        m = shape_mask(obj.shape, cx, cy, SIZE_RADIUS[obj.size] + margin)
+        if obj.emblem is not None:
+            ex, ey, er = emblem_geometry(obj)
+            m |= shape_mask(obj.emblem, ex, ey, er + margin)
+        out.append(m.astype(np.float32))
+    return np.stack(out)
 
 
 def evaluation_scenes(concept: ToyConcept) -> list[SceneSpec]:

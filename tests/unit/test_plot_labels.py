@@ -29,3 +29,40 @@ def test_the_plot_draws_every_row() -> None:
     assert image.size == (760, 560)
     colours = {tuple(c) for c in np.asarray(image).reshape(-1, 3)}
     assert len(colours) > 6  # the six palette colours and the axes, not a blank canvas
+
+
+LOG = """fidelity scale: floor 0.360 (class prompt) ...
+fidelity_floor=0.360 fidelity_ceiling=0.920
+method=base fidelity=0.360 editability=0.986 prompt_acc=0.585 fid_norm=0.000
+method=cd fidelity=0.501 editability=0.415 prompt_acc=0.467 fid_norm=0.251
+method=ico+dci_a0.5_l2_base fidelity=0.538 editability=0.639 prompt_acc=0.540 fid_norm=0.317
+"""
+
+
+def test_the_plot_is_redrawn_from_a_run_log_with_chosen_rows(tmp_path) -> None:
+    from dev.grid import main, read_bench_log
+
+    points, ends = read_bench_log(LOG)
+    assert ends == (0.360, 0.920)
+    assert points == {"base": (0.360, 0.986), "cd": (0.501, 0.415), "ico+dci_a0.5_l2_base": (0.538, 0.639)}
+    (tmp_path / "run.log").write_text(LOG)
+    out = tmp_path / "plot.png"
+    main([str(tmp_path / "run.log"), str(out), "--rows", "base,ico+dci_a0.5_l2_base"])
+    assert Image.open(out).size == (760, 560)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_log_of_two_runs_or_an_unknown_row_is_refused(tmp_path) -> None:
+    import pytest
+
+    from dev.grid import main, read_bench_log
+
+    with pytest.raises(ValueError, match="one run"):
+        read_bench_log(LOG + LOG)
+    (tmp_path / "run.log").write_text(LOG)
+    with pytest.raises(SystemExit, match="infusion not in the log"):
+        main([str(tmp_path / "run.log"), str(tmp_path / "p.png"), "--rows", "base,infusion"])
+    (tmp_path / "p.png").write_bytes(b"keep")
+    with pytest.raises(SystemExit, match="exists"):
+        main([str(tmp_path / "run.log"), str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes() == b"keep"
