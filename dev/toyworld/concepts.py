@@ -18,9 +18,9 @@ import numpy as np
 from dci.toyworld.render import (
     COLOURS,
     POSITION_PHRASE,
+    SIZE_RADIUS,
     ObjectSpec,
     SceneSpec,
-    SIZE_RADIUS,
     caption,
     decoration_phrase,
     emblem_geometry,
