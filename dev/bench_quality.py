@@ -24,7 +24,8 @@ and each trained concept sampled with the stock KSampler and with DCI KSampler o
 otherwise; auxiliary noun: another shape word). Every method gets the same training budget (steps, batch,
 learning rate, seed) and the same sampler settings (steps, CFG, sampler, the world's size, seeds). Prompts are
 the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
-spread evenly.
+spread evenly. ``--mask``: every method trains with a foreground-masked loss (the trainer's ``mask`` input gets
+the renders' object masks, grown by 4 px), as Infusion's official code trains.
 
 Layout-and-Retouch rows (opt-in, ``--retouch``): each trained concept (``cd+lr_…``, ``ico+lr_…``,
 ``infusion+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
@@ -56,9 +57,10 @@ method=<name> fidelity=<0..1> editability=<0..1> prompt_acc=<0..1> fid_norm=<..>
   fisher_score=<..> w2_per_prompt=<..> diversity=<0..1>
 
 Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [--seeds 4] [--steps 20]
-       [--train-steps 600] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--retouch 0.2,0.3,0.5,dci:0.3:1]
+       [--train-steps 600] [--mask] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--retouch 0.2,0.3,0.5,dci:0.3:1]
        [--open-batches 2] [--infusion-lr 2.5e-6] [--fisher-prompts 4] [--fisher-levels 4] [--threads 1]
        [--grid out.png] [--plot out.png]
+(``python3 -m dev.grid LOG out.png --rows …`` redraws the plot from the printed lines with fewer rows.)
 """
 
 from __future__ import annotations
