@@ -60,7 +60,7 @@ Usage: python -m dev.bench_quality [--model FILE] [--concepts 3] [--prompts 8] [
        [--train-steps 600] [--mask] [--dci 0.3:0,0.3:-1,0.3:1:noun,0.3:1:px,0.3:1:base] [--retouch 0.2,0.3,0.5,dci:0.3:1]
        [--open-batches 2] [--infusion-lr 2.5e-6] [--fisher-prompts 4] [--fisher-levels 4] [--threads 1]
        [--grid out.png] [--plot out.png]
-(``python3 -m dev.grid LOG out.png --rows …`` redraws the plot from the printed lines with fewer rows.)
+(``python3 -m dev.grid LOG [LOG …] --out out.png --rows …`` redraws the plot from the printed lines.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Labelled image grids for the demo and the benchmarks, and the fidelity × editability plot.
 
-``python3 -m dev.grid LOG OUT.png [--rows base,cd,ico+dci_a0.5_l2_base]`` redraws a bench-quality plot from the
-``fidelity_floor=…`` and ``method=…`` lines a run printed (``--rows``: a chosen subset, in that order), so a
-figure with fewer labels needs no rerun.
+``python3 -m dev.grid LOG [LOG …] --out OUT.png [--rows base,cd,ico+dci_a0.5_l2_base]`` redraws a bench-quality
+plot from the ``fidelity_floor=…`` and ``method=…`` lines runs printed (``--rows``: a chosen subset, in that
+order; several logs: runs on the same scale whose shared rows agree), so a figure needs no rerun.
 """
 
 from __future__ import annotations
@@ -133,20 +133,45 @@ def read_bench_log(text: str) -> tuple[dict[str, tuple[float, float]], tuple[flo
     return points, (float(ends[0][0]), float(ends[0][1]))
 
 
+def merge_logs(logs: Sequence[tuple[str, str]]) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
+    """The rows of several runs ``(name, text)`` on one plot: only runs on the same scale (equal floor and
+    ceiling), and a row two runs share must agree to the printed digit (the runs repeat each other), else
+    ``ValueError``."""
+    points: dict[str, tuple[float, float]] = {}
+    ends = None
+    for name, text in logs:
+        try:
+            more, these = read_bench_log(text)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if ends is not None and these != ends:
+            raise ValueError(f"{name}: its scale (floor {these[0]}, ceiling {these[1]}) differs from the first "
+                             f"log's ({ends[0]}, {ends[1]}); rows of different scales cannot share a plot")
+        ends = these
+        for row, xy in more.items():
+            if row in points and points[row] != xy:
+                raise ValueError(f"{name}: row {row!r} is {xy}, another log has {points[row]}; the runs differ")
+            points[row] = xy
+    if ends is None:
+        raise ValueError("no log given")
+    return points, ends
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="redraw a bench-quality fidelity × editability plot from its log")
-    p.add_argument("log", type=Path, help="the bench-quality run's printed output")
-    p.add_argument("out", type=Path, help="the PNG to write (an existing file is refused)")
+    p = argparse.ArgumentParser(description="redraw a bench-quality fidelity × editability plot from its log(s)")
+    p.add_argument("logs", type=Path, nargs="+",
+                   help="bench-quality runs' printed output (several: runs on the same prompts, seeds and scale)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write (an existing file is refused)")
     p.add_argument("--rows", default="", help="comma list of method= names to plot, in that order (default: all)")
     a = p.parse_args(argv)
     try:
-        points, ends = read_bench_log(a.log.read_text(encoding="utf-8", errors="replace"))
+        points, ends = merge_logs([(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in a.logs])
     except (OSError, ValueError) as e:
-        sys.exit(f"{a.log}: {e}")
+        sys.exit(str(e))
     rows = [r.strip() for r in a.rows.split(",") if r.strip()] or list(points)
     missing = [r for r in rows if r not in points]
     if missing:
-        sys.exit(f"--rows: {', '.join(missing)} not in the log; it has {', '.join(points)}")
+        sys.exit(f"--rows: {', '.join(missing)} not in the logs; they have {', '.join(points)}")
     if a.out.suffix.lower() != ".png":
         sys.exit(f"{a.out}: the plot is written as PNG; give a .png name")
     if a.out.exists():

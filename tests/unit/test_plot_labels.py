@@ -47,7 +47,7 @@ def test_the_plot_is_redrawn_from_a_run_log_with_chosen_rows(tmp_path) -> None:
     assert points == {"base": (0.360, 0.986), "cd": (0.501, 0.415), "ico+dci_a0.5_l2_base": (0.538, 0.639)}
     (tmp_path / "run.log").write_text(LOG)
     out = tmp_path / "plot.png"
-    main([str(tmp_path / "run.log"), str(out), "--rows", "base,ico+dci_a0.5_l2_base"])
+    main([str(tmp_path / "run.log"), "--out", str(out), "--rows", "base,ico+dci_a0.5_l2_base"])
     assert Image.open(out).size == (760, 560)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -61,8 +61,23 @@ def test_a_log_of_two_runs_or_an_unknown_row_is_refused(tmp_path) -> None:
         read_bench_log(LOG + LOG)
     (tmp_path / "run.log").write_text(LOG)
     with pytest.raises(SystemExit, match="infusion not in the log"):
-        main([str(tmp_path / "run.log"), str(tmp_path / "p.png"), "--rows", "base,infusion"])
+        main([str(tmp_path / "run.log"), "--out", str(tmp_path / "p.png"), "--rows", "base,infusion"])
     (tmp_path / "p.png").write_bytes(b"keep")
     with pytest.raises(SystemExit, match="exists"):
-        main([str(tmp_path / "run.log"), str(tmp_path / "p.png")])
+        main([str(tmp_path / "run.log"), "--out", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes() == b"keep"
+
+
+def test_runs_on_one_scale_merge_and_disagreeing_runs_are_refused() -> None:
+    import pytest
+
+    from dev.grid import merge_logs
+
+    other = LOG.replace("method=cd fidelity=0.501 editability=0.415 prompt_acc=0.467 fid_norm=0.251\n", "") + (
+        "method=ico+dci_a0.7_l2_base fidelity=0.527 editability=0.743 prompt_acc=0.591 fid_norm=0.298\n")
+    points, ends = merge_logs([("a", LOG), ("b", other)])
+    assert ends == (0.360, 0.920) and set(points) == {"base", "cd", "ico+dci_a0.5_l2_base", "ico+dci_a0.7_l2_base"}
+    with pytest.raises(ValueError, match="scale"):
+        merge_logs([("a", LOG), ("b", LOG.replace("fidelity_floor=0.360", "fidelity_floor=0.370"))])
+    with pytest.raises(ValueError, match="the runs differ"):
+        merge_logs([("a", LOG), ("b", LOG.replace("editability=0.415", "editability=0.416"))])
