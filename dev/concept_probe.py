@@ -7,8 +7,9 @@ sampled with three kinds of prompt.
   on a white background"): does the trigger carry into the world's caption language?
 - ``eval``: the benchmark's evaluation prompts (other backgrounds, positions, sizes).
 
-Prints one ``probe=<kind> fidelity=… colours=… layout=… texture=… shape=… editability=… n=…`` line per kind
-(fidelity and its four parts, ``dev/toyworld/fidelity.py``; editability where the prompt asks for a scene),
+Prints one ``probe=<kind> fidelity=… colours=… layout=… texture=… shape=… editability=… [edit_<attribute>=…] n=…``
+line per kind (fidelity and its four parts, ``dev/toyworld/fidelity.py``; editability where the prompt asks for a
+scene, and the share right of each asked attribute: background, position, size),
 plus the scale's two ends measured in the same run (``fidelity_floor=… fidelity_ceiling=…``).
 
 ``--prefix`` sets the trainer's ``prefix_context``: the fixed words before the trigger for custom_diffusion and
@@ -81,16 +82,20 @@ def main(argv=None) -> None:
         return bench.sample(model, pos, seed, None)
 
     def report(kind: str, batches: list[tuple[str, np.ndarray]], scene_prompts: bool = True) -> None:
-        parts, edits = [], []
+        parts, edits, asked = [], [], {}
         for prompt, images in batches:
             for img in images:
                 parts.append(meter.parts(img))
                 if scene_prompts:
-                    edits.append(fid.mean_score(fid.editability_scores(img, prompt, concept)))
+                    scores = fid.editability_scores(img, prompt, concept)
+                    edits.append(fid.mean_score(scores))
+                    for k, v in scores.items():
+                        asked.setdefault(k, []).append(float(v))
         mean = {k: float(np.mean([p[k] for p in parts])) for k in ("fidelity", "colours", "layout", "texture", "shape")}
         edit = f"{np.mean(edits):.3f}" if edits else "-"
-        print(f"probe={kind} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()) + f" editability={edit} n={len(parts)}",
-              flush=True)
+        per = "".join(f" edit_{k}={np.mean(v):.3f}" for k, v in sorted(asked.items()))  # each asked attribute
+        print(f"probe={kind} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()) + f" editability={edit}{per} "
+              f"n={len(parts)}", flush=True)
 
     scenes = bq.pick_scenes(concept, args.prompts)
     floor = [meter(img) for i, sc in enumerate(scenes)
