@@ -152,3 +152,16 @@ def test_parse_caption_reads_plain_captions_and_needs_a_shape() -> None:
     asked = render.parse_caption("a large red square on a blue background")
     assert (asked["size"], asked["colour"], asked["shape"]) == ("large", "red", "square")
     assert render.parse_caption("a sks thing on a blue background")["shape"] is None
+
+
+def test_training_masks_cover_each_renders_object_and_little_else():
+    for c in concepts.CONCEPTS.values():
+        images = concepts.training_images(c, 3, seed=0).astype(int)
+        masks = concepts.training_masks(c, 3, seed=0)
+        assert masks.shape == images.shape[:3] and masks.dtype == np.float32
+        assert set(np.unique(masks)) <= {0.0, 1.0}
+        for scene, image, mask in zip(concepts.training_scenes(c, 3, seed=0), images, masks, strict=True):
+            empty = np.clip(np.rint(render._background(scene.background, scene.texture, render.IMAGE_SIZE)), 0, 255)
+            # every pixel the object changes against its empty background is inside the mask
+            assert (mask[np.abs(image - empty.astype(int)).sum(-1) > 0] == 1).all()
+            assert 0.05 < mask.mean() < 0.4  # the object and a 4 px margin, not the scene
