@@ -25,7 +25,8 @@ otherwise; auxiliary noun: another shape word). Every method gets the same train
 learning rate, seed) and the same sampler settings (steps, CFG, sampler, the world's size, seeds). Prompts are
 the concept's evaluation scenes (other positions and backgrounds than the training renders, both sizes),
 spread evenly. ``--mask``: every method trains with a foreground-masked loss (the trainer's ``mask`` input gets
-the renders' object masks, grown by 4 px), as Infusion's official code trains.
+the renders' object masks, each shape's half-extent grown by 4 px), as Infusion's official code trains
+(the ``encoder`` rows train nothing).
 
 Layout-and-Retouch rows (opt-in, ``--retouch``): each trained concept (``cd+lr_…``, ``ico+lr_…``,
 ``infusion+lr_…``) through DCI Layout KSampler (the base model for the first λ1 of the steps: ``lr_s<λ1>``) or DCI
@@ -130,7 +131,7 @@ def parse_args(argv=None):
                         "starting words of ico's contexts")
     p.add_argument("--mask", action="store_true",
                    help="train every method with a foreground-masked loss: the trainer's mask input gets the "
-                        "training renders' object masks (grown by 4 px), so the background adds no loss")
+                        "training renders' object masks (half-extents grown by 4 px), so the background adds no loss")
     p.add_argument("--dci", default=DEFAULT_DCI,
                    help="DCI settings to sweep, 'split:λ[:ref|px][:base][:noun]' comma list (px: pixel_count "
                         "normalisation; base: the auxiliary branch on the base model's K/V; noun: the auxiliary map "

@@ -8,6 +8,7 @@ order; several logs: runs on the same scale whose shared rows agree), so a figur
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -120,7 +121,7 @@ def label_box(d, text: str, at: tuple[float, float], taken: list, frame: tuple[f
 def read_bench_log(text: str) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
     """The rows (method → (fidelity, editability)) and the scale's ends of one bench-quality run's output.
     A log holding more than one run's summary is refused: rows of different runs share no scale."""
-    ends = re.findall(r"^fidelity_floor=(\S+) fidelity_ceiling=(\S+)$", text, flags=re.M)
+    ends = re.findall(r"^fidelity_floor=(\S+) fidelity_ceiling=(\S+)\r?$", text, flags=re.M)
     if len(ends) != 1:
         raise ValueError(f"expected one 'fidelity_floor=… fidelity_ceiling=…' line (one run), found {len(ends)}")
     points = {}
@@ -174,11 +175,18 @@ def main(argv=None) -> None:
         sys.exit(f"--rows: {', '.join(missing)} not in the logs; they have {', '.join(points)}")
     if a.out.suffix.lower() != ".png":
         sys.exit(f"{a.out}: the plot is written as PNG; give a .png name")
+    if not a.out.parent.is_dir():
+        sys.exit(f"{a.out.parent} is not a folder; create it first")
     if a.out.exists():
         sys.exit(f"{a.out} exists; remove it or choose another name")
-    tmp = a.out.with_name(f".{a.out.name}.tmp")
-    scatter_plot({r: points[r] for r in rows}, ends).save(tmp, format="PNG", optimize=True)
-    tmp.replace(a.out)
+    tmp = a.out.with_name(f".{a.out.name}.{os.getpid()}.tmp")
+    try:
+        scatter_plot({r: points[r] for r in rows}, ends).save(tmp, format="PNG", optimize=True)
+        os.link(tmp, a.out)  # publishes the whole file, and never over one that appeared meanwhile
+    except FileExistsError:
+        sys.exit(f"{a.out} exists; remove it or choose another name")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"plot: {a.out} ({len(rows)} rows)")
 
 

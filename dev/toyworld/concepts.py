@@ -108,8 +108,9 @@ def training_images(concept: ToyConcept, n: int, seed: int) -> np.ndarray:
 
 
 def training_masks(concept: ToyConcept, n: int, seed: int, margin: int = 4) -> np.ndarray:
-    """float32 [n, S, S] foreground masks of ``training_images`` (1 = the object's body or emblem), grown by
-    ``margin`` pixels so that the object's edge against the background is learned too."""
+    """float32 [n, S, S] foreground masks of ``training_images`` (1 = the object's body or emblem), each shape's
+    half-extent grown by ``margin`` pixels (about that much outward; less at a star's inner corners) so that the
+    object's edge against the background is learned too."""
     out = []
     for spec in training_scenes(concept, n, seed):
         obj = spec.obj

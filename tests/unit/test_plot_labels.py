@@ -44,6 +44,7 @@ def test_the_plot_is_redrawn_from_a_run_log_with_chosen_rows(tmp_path) -> None:
 
     points, ends = read_bench_log(LOG)
     assert ends == (0.360, 0.920)
+    assert read_bench_log(LOG.replace("\n", "\r\n")) == (points, ends)  # a log saved with CRLF line ends
     assert points == {"base": (0.360, 0.986), "cd": (0.501, 0.415), "ico+dci_a0.5_l2_base": (0.538, 0.639)}
     (tmp_path / "run.log").write_text(LOG)
     out = tmp_path / "plot.png"
@@ -66,6 +67,9 @@ def test_a_log_of_two_runs_or_an_unknown_row_is_refused(tmp_path) -> None:
     with pytest.raises(SystemExit, match="exists"):
         main([str(tmp_path / "run.log"), "--out", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").read_bytes() == b"keep"
+    with pytest.raises(SystemExit, match="not a folder"):
+        main([str(tmp_path / "run.log"), "--out", str(tmp_path / "no" / "p.png")])
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_runs_on_one_scale_merge_and_disagreeing_runs_are_refused() -> None:
