@@ -285,7 +285,7 @@ class Bench(RetouchRows, OverfittingRows, EncoderRows):
 
     def training_mask(self, concept) -> dict:
         """The trainer's ``mask`` input under ``--mask`` (the renders' object masks), else nothing."""
-        if not getattr(self.args, "mask", False):
+        if not self.args.mask:
             return {}
         import torch
 

@@ -330,14 +330,15 @@ def sample_scenes(
     return [sample_scene(rng, allow_held_out, excluded_looks) for _ in range(n)]
 
 
-def object_pixels(spec: SceneSpec, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boolean mask of every pixel the object covers (body and emblem)."""
+def object_pixels(spec: SceneSpec, size: int = IMAGE_SIZE, grow: float = 0.0) -> np.ndarray:
+    """Boolean mask of every pixel the object covers (body and emblem); ``grow`` adds that many pixels to each
+    shape's half-extent (a margin around the object)."""
     obj = spec.obj
     cx, cy = object_centre(obj)
-    mask = shape_mask(obj.shape, cx, cy, SIZE_RADIUS[obj.size], size)
+    mask = shape_mask(obj.shape, cx, cy, SIZE_RADIUS[obj.size] + grow, size)
     if obj.emblem is not None:
         ex, ey, er = emblem_geometry(obj)
-        mask |= shape_mask(obj.emblem, ex, ey, er, size)
+        mask |= shape_mask(obj.emblem, ex, ey, er + grow, size)
     return mask
 
 

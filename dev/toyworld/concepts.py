@@ -18,15 +18,12 @@ import numpy as np
 from dci.toyworld.render import (
     COLOURS,
     POSITION_PHRASE,
-    SIZE_RADIUS,
     ObjectSpec,
     SceneSpec,
     caption,
     decoration_phrase,
-    emblem_geometry,
-    object_centre,
+    object_pixels,
     render_scene,
-    shape_mask,
 )
 
 
@@ -111,16 +108,7 @@ def training_masks(concept: ToyConcept, n: int, seed: int, margin: int = 4) -> n
     """float32 [n, S, S] foreground masks of ``training_images`` (1 = the object's body or emblem), each shape's
     half-extent grown by ``margin`` pixels (about that much outward; less at a star's inner corners) so that the
     object's edge against the background is learned too."""
-    out = []
-    for spec in training_scenes(concept, n, seed):
-        obj = spec.obj
-        cx, cy = object_centre(obj)
-        m = shape_mask(obj.shape, cx, cy, SIZE_RADIUS[obj.size] + margin)
-        if obj.emblem is not None:
-            ex, ey, er = emblem_geometry(obj)
-            m |= shape_mask(obj.emblem, ex, ey, er + margin)
-        out.append(m.astype(np.float32))
-    return np.stack(out)
+    return np.stack([object_pixels(s, grow=margin) for s in training_scenes(concept, n, seed)]).astype(np.float32)
 
 
 def evaluation_scenes(concept: ToyConcept) -> list[SceneSpec]:
