@@ -386,20 +386,28 @@ class BranchProbe:
         return sorted({s for s, two in self.calls if two == two_branches}, reverse=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python3 dev/host.py python -m dev.fixtures PATH``: write the tiny SD1.5 checkpoint to PATH."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="where to write the tiny SD1.5 checkpoint (.safetensors)")
+def checkpoint_cli(argv: list[str] | None, description: str, what: str, writer) -> int:
+    """The command line shared by the tiny-checkpoint writers (``dev.fixtures``, ``dev.fixtures_sdxl``):
+    ``PATH [--seed N]``; PATH must end in ``.safetensors``, and an existing file is kept as it is (said on
+    stderr), never replaced. Prints the path written or kept."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("path", help=f"where to write the tiny {what} checkpoint (.safetensors)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not args.path.endswith(".safetensors"):
         ap.error("the checkpoint path must end in .safetensors")
-    if Path(args.path).exists():
-        print(f"{args.path} exists; leaving it as it is", file=sys.stderr)
-        return 0
-    write_tiny_sd15_checkpoint(args.path, args.seed)
-    print(args.path)
+    path = Path(args.path)
+    if path.exists():
+        print(f"{path} exists; leaving it as it is (remove it to write a new one)", file=sys.stderr)
+    else:
+        writer(path, args.seed)
+    print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 dev/host.py python -m dev.fixtures PATH``: write the tiny SD1.5 checkpoint to PATH."""
+    return checkpoint_cli(argv, __doc__.split("\n\n")[0], "SD1.5", write_tiny_sd15_checkpoint)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ CLIP-L and OpenCLIP-bigG, about 0.8 B parameters), saved in the checkpoint layou
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -107,14 +106,10 @@ def cached_tiny_sdxl_checkpoint(seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="where to write the tiny SDXL checkpoint (.safetensors)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if not args.path.endswith(".safetensors"):
-        ap.error("the checkpoint path must end in .safetensors")
-    print(write_tiny_sdxl_checkpoint(args.path, args.seed))
-    return 0
+    """``python3 dev/host.py python -m dev.fixtures_sdxl PATH``: write the tiny SDXL checkpoint to PATH."""
+    from .fixtures import checkpoint_cli
+
+    return checkpoint_cli(argv, __doc__.split("\n\n")[0], "SDXL", write_tiny_sdxl_checkpoint)
 
 
 if __name__ == "__main__":
