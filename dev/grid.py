@@ -3,6 +3,10 @@
 ``python3 -m dev.grid LOG [LOG …] --out OUT.png [--rows base,cd,ico+dci_a0.5_l2_base]`` redraws a bench-quality
 plot from the ``fidelity_floor=…`` and ``method=…`` lines runs printed (``--rows``: a chosen subset, in that
 order; several logs: runs on the same scale whose shared rows agree), so a figure needs no rerun.
+
+``python3 -m dev.grid LOG --samples GRID.png --out OUT.png --rows … --cols 0,4,8`` cuts the chosen rows and
+columns (prompt indices, 0-based) out of the sample grid the same run wrote with ``--grid`` (its rows are the
+log's ``method=`` rows, in order) and saves them labelled, in 256 colours.
 """
 
 from __future__ import annotations
@@ -158,12 +162,53 @@ def merge_logs(logs: Sequence[tuple[str, str]]) -> tuple[dict[str, tuple[float, 
     return points, ends
 
 
+def cut_sample_grid(grid: np.ndarray, methods: Sequence[str], rows: Sequence[str], cols: Sequence[int],
+                    tile: int = 128, label_width: int = 150):
+    """Rows (by method name) and columns (by prompt index) of a bench's ``--grid`` image [H, W, 3], whose rows
+    are ``methods`` in order, each ``tile`` pixels high after a ``label_width`` label; returns a PIL image
+    (labelled again, 256 colours). ``ValueError`` when the image does not have that layout or a row or column
+    is not in it."""
+    if grid.ndim != 3 or grid.shape[0] != len(methods) * tile or (grid.shape[1] - label_width) % tile:
+        raise ValueError(f"the sample grid is {grid.shape[1]}×{grid.shape[0]} px; a grid of the log's "
+                         f"{len(methods)} rows is {len(methods) * tile} px high and {label_width} px + whole "
+                         f"{tile}-px tiles wide: was it written by the same run?")
+    count = (grid.shape[1] - label_width) // tile
+    unknown = [r for r in rows if r not in methods]
+    if unknown:
+        raise ValueError(f"rows {', '.join(unknown)} are not in the log")
+    outside = [c for c in cols if not 0 <= c < count]
+    if outside or not cols:
+        raise ValueError(f"columns must be prompt indices 0..{count - 1}; got {list(cols)}")
+    cut = []
+    for name in rows:
+        i = methods.index(name)
+        band = grid[i * tile:(i + 1) * tile]
+        cut.append((name, np.concatenate([band[:, label_width + c * tile:label_width + (c + 1) * tile]
+                                          for c in cols], axis=1)))
+    return labelled_grid(cut, label_width=label_width).quantize(256)
+
+
+def _publish(image, out: Path) -> None:
+    """Write a PNG via a temporary file linked into place: never half-written, never over an existing file."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", optimize=True)
+        os.link(tmp, out)  # publishes the whole file, and never over one that appeared meanwhile
+    except FileExistsError:
+        sys.exit(f"{out} exists; remove it or choose another name")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="redraw a bench-quality fidelity × editability plot from its log(s)")
     p.add_argument("logs", type=Path, nargs="+",
                    help="bench-quality runs' printed output (several: runs on the same prompts, seeds and scale)")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write (an existing file is refused)")
     p.add_argument("--rows", default="", help="comma list of method= names to plot, in that order (default: all)")
+    p.add_argument("--samples", type=Path, default=None,
+                   help="instead of the plot, cut --rows and --cols out of this sample grid (the run's --grid PNG)")
+    p.add_argument("--cols", default="", help="with --samples: comma list of prompt columns (0-based) to keep")
     a = p.parse_args(argv)
     try:
         points, ends = merge_logs([(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in a.logs])
@@ -179,14 +224,23 @@ def main(argv=None) -> None:
         sys.exit(f"{a.out.parent} is not a folder; create it first")
     if a.out.exists():
         sys.exit(f"{a.out} exists; remove it or choose another name")
-    tmp = a.out.with_name(f".{a.out.name}.{os.getpid()}.tmp")
-    try:
-        scatter_plot({r: points[r] for r in rows}, ends).save(tmp, format="PNG", optimize=True)
-        os.link(tmp, a.out)  # publishes the whole file, and never over one that appeared meanwhile
-    except FileExistsError:
-        sys.exit(f"{a.out} exists; remove it or choose another name")
-    finally:
-        tmp.unlink(missing_ok=True)
+    if a.cols and a.samples is None:
+        sys.exit("--cols goes with --samples (the sample grid to cut)")
+    if a.samples is not None:
+        if len(a.logs) != 1:
+            sys.exit("--samples: give the one log of the run that wrote the grid")
+        try:
+            from PIL import Image
+
+            cols = [int(c) for c in a.cols.split(",") if c.strip()]
+            grid = np.asarray(Image.open(a.samples).convert("RGB"))
+            image = cut_sample_grid(grid, list(points), rows, cols)
+        except (OSError, ValueError) as e:
+            sys.exit(f"--samples: {e}")
+        _publish(image, a.out)
+        print(f"sample grid: {a.out} ({len(rows)} rows × {len(cols)} columns)")
+        return
+    _publish(scatter_plot({r: points[r] for r in rows}, ends), a.out)
     print(f"plot: {a.out} ({len(rows)} rows)")
 
 

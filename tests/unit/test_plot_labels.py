@@ -85,3 +85,54 @@ def test_runs_on_one_scale_merge_and_disagreeing_runs_are_refused() -> None:
         merge_logs([("a", LOG), ("b", LOG.replace("fidelity_floor=0.360", "fidelity_floor=0.370"))])
     with pytest.raises(ValueError, match="the runs differ"):
         merge_logs([("a", LOG), ("b", LOG.replace("editability=0.415", "editability=0.416"))])
+
+
+def _sample_grid(rows: int, cols: int) -> np.ndarray:
+    """A bench-style --grid image: white 150-px label band, then 128-px tiles, tile (r, c) filled with a colour
+    that encodes r and c."""
+    grid = np.full((rows * 128, 150 + cols * 128, 3), 255, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            grid[r * 128:(r + 1) * 128, 150 + c * 128:150 + (c + 1) * 128] = (40 * r + 10, 30 * c + 20, 200)
+    return grid
+
+
+def test_a_sample_grid_is_cut_to_the_chosen_rows_and_columns(tmp_path) -> None:
+    from dev.grid import cut_sample_grid, main
+
+    grid = _sample_grid(3, 4)
+    methods = ["base", "cd", "ico+dci_a0.5_l2_base"]
+    cut = np.asarray(cut_sample_grid(grid, methods, ["ico+dci_a0.5_l2_base", "base"], [3, 1]).convert("RGB"))
+    assert cut.shape == (256, 150 + 256, 3)
+    centre = lambda r, c: tuple(cut[r * 128 + 64, 150 + c * 128 + 64])  # noqa: E731
+    assert centre(0, 0) == (90, 110, 200) and centre(0, 1) == (90, 50, 200)
+    assert centre(1, 0) == (10, 110, 200) and centre(1, 1) == (10, 50, 200)
+    (tmp_path / "run.log").write_text(LOG)
+    Image.fromarray(grid).save(tmp_path / "grid.png")
+    out = tmp_path / "cut.png"
+    main([str(tmp_path / "run.log"), "--samples", str(tmp_path / "grid.png"), "--out", str(out), "--rows", "cd",
+          "--cols", "0,2"])
+    assert Image.open(out).size == (150 + 256, 128)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_sample_grid_of_another_run_or_a_missing_column_is_refused(tmp_path) -> None:
+    import pytest
+
+    from dev.grid import cut_sample_grid, main
+
+    methods = ["base", "cd", "ico+dci_a0.5_l2_base"]
+    with pytest.raises(ValueError, match="same run"):
+        cut_sample_grid(_sample_grid(4, 4), methods, ["cd"], [0])  # a grid with one row more than the log
+    with pytest.raises(ValueError, match="0..3"):
+        cut_sample_grid(_sample_grid(3, 4), methods, ["cd"], [4])
+    with pytest.raises(ValueError, match="infusion"):
+        cut_sample_grid(_sample_grid(3, 4), methods, ["infusion"], [0])
+    (tmp_path / "run.log").write_text(LOG)
+    with pytest.raises(SystemExit, match="--cols goes with --samples"):
+        main([str(tmp_path / "run.log"), "--out", str(tmp_path / "p.png"), "--cols", "0"])
+    Image.fromarray(_sample_grid(2, 4)).save(tmp_path / "grid.png")
+    with pytest.raises(SystemExit, match="same run"):
+        main([str(tmp_path / "run.log"), "--samples", str(tmp_path / "grid.png"), "--out", str(tmp_path / "p.png"),
+              "--cols", "0"])
+    assert not (tmp_path / "p.png").exists()
