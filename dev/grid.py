@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     if missing:
         sys.exit(f"--rows: {', '.join(missing)} not in the logs; they have {', '.join(points)}")
     if a.out.suffix.lower() != ".png":
-        sys.exit(f"{a.out}: the plot is written as PNG; give a .png name")
+        sys.exit(f"{a.out}: the output is written as PNG; give a .png name")
     if not a.out.parent.is_dir():
         sys.exit(f"{a.out.parent} is not a folder; create it first")
     if a.out.exists():
